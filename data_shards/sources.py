@@ -1,0 +1,220 @@
+"""Sources: each turns a dataset on disk into train/val(/test) lists of :class:`RawSample`.
+
+Everything cheap to check (files exist, headers, columns, referenced images) is checked here,
+before any shard is written; image decoding is checked by the encoder, also before writing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from data_shards import fashion_mnist
+from data_shards.samples import RawSample, SourceError, safe_key, split_off_validation, take_subset
+
+IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+
+
+@dataclass
+class PreparedSource:
+    """A source read and checked: samples per split, class names, and where it came from."""
+
+    splits: dict[str, list[RawSample]]
+    classes: list[str] | None
+    description: dict[str, Any]
+
+
+def _limited_splits(
+    train: list[Any], val: list[Any] | None, test: list[Any] | None, cfg: Any, seed: int
+) -> dict[str, list[Any]]:
+    """Carve val from train when the source has none, then apply the per-split limits."""
+    if val is None:
+        train_idx, val_idx = split_off_validation(len(train), cfg.val_fraction, seed=seed)
+        train, val = [train[i] for i in train_idx], [train[i] for i in val_idx]
+    splits = {"train": train, "val": val}
+    if test:
+        splits["test"] = test
+    limits = {"train": cfg.max_train, "val": cfg.max_val, "test": cfg.max_test}
+    out = {}
+    for name, items in splits.items():
+        keep = take_subset(np.arange(len(items)), limits[name], seed=seed + len(name))
+        if len(keep):
+            out[name] = [items[i] for i in keep]
+    return out
+
+
+def _fashion_mnist(cfg: Any, data_root: Path, seed: int) -> PreparedSource:
+    folder = fashion_mnist.locate_fashion_mnist(cfg.path, data_root)
+    train_images, train_labels = fashion_mnist.load_split(folder, "train")
+    test_images, test_labels = fashion_mnist.load_split(folder, "test")
+
+    def records(split: str, images: np.ndarray, labels: np.ndarray) -> list[tuple]:
+        return [(split, i, images, labels) for i in range(len(images))]
+
+    splits = _limited_splits(records("train", train_images, train_labels), None,
+                             records("test", test_images, test_labels), cfg, seed)
+    samples = {
+        name: [
+            RawSample(key=safe_key(src, f"{i:05d}"), origin=f"{folder} [{src} #{i}]",
+                      pixels=images[i], label=int(labels[i]))
+            for src, i, images, labels in items
+        ]
+        for name, items in splits.items()
+    }
+    return PreparedSource(samples, list(fashion_mnist.CLASSES), {"kind": "fashion_mnist", "path": str(folder)})
+
+
+def _folder_entries(root: Path) -> tuple[list[str], Callable[[str], bytes]]:
+    """Relative file names and a reader, for a folder or a zip archive."""
+    if root.is_dir():
+        names = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        return names, lambda name: (root / name).read_bytes()
+    if zipfile.is_zipfile(root):
+        archive = zipfile.ZipFile(root)
+        names = sorted(info.filename for info in archive.infolist() if not info.is_dir())
+        return names, archive.read
+    raise SourceError(f"{root}: not a folder or a zip archive")
+
+
+def _image_folder(cfg: Any, data_root: Path, seed: int) -> PreparedSource:
+    if cfg.path is None:
+        raise SourceError("shard.source.path: image_folder needs a folder or zip laid out split/class/*.jpg")
+    root = Path(cfg.path).expanduser()
+    if not root.exists():
+        raise SourceError(f"{root}: image folder does not exist")
+    names, read = _folder_entries(root)
+    by_split: dict[str, list[tuple[str, str]]] = {}
+    for name in names:
+        parts = Path(name).parts
+        if Path(name).suffix.lower() not in IMAGE_EXTS or len(parts) < 3:
+            continue
+        by_split.setdefault(parts[-3], []).append((parts[-2], name))
+    if "train" not in by_split:
+        raise SourceError(f"{root}: no images under train/<class>/ (found splits {sorted(by_split)})")
+    classes = sorted({cls for items in by_split.values() for cls, _ in items})
+    index = {cls: i for i, cls in enumerate(classes)}
+    unknown = {cls for split, items in by_split.items() if split != "train" for cls, _ in items} - {c for c, _ in by_split["train"]}
+    if unknown:
+        raise SourceError(f"{root}: classes {sorted(unknown)} appear outside train/ only")
+    splits = _limited_splits(by_split["train"], by_split.get("val"), by_split.get("test"), cfg, seed)
+    samples = {
+        split: [
+            RawSample(key=safe_key(Path(name).with_suffix("")), origin=f"{root}:{name}",
+                      image_bytes=read(name), image_ext=IMAGE_EXTS[Path(name).suffix.lower()],
+                      label=index[cls], meta={"class_name": cls})
+            for cls, name in items
+        ]
+        for split, items in splits.items()
+    }
+    return PreparedSource(samples, classes, {"kind": "image_folder", "path": str(root)})
+
+
+def _find_table(path: Path) -> Path:
+    if path.is_file():
+        return path
+    for pattern in ("captions.tsv", "*.tsv", "*.csv"):
+        found = sorted(path.glob(pattern))
+        if found:
+            return found[0]
+    raise SourceError(f"{path}: no caption table (.tsv/.csv) found")
+
+
+def _caption_table(cfg: Any, data_root: Path, seed: int) -> PreparedSource:
+    if cfg.path is None:
+        raise SourceError("shard.source.path: caption_table needs a TSV/CSV file or its folder")
+    table = _find_table(Path(cfg.path).expanduser())
+    delimiter = "\t" if table.suffix.lower() == ".tsv" else ","
+    with open(table, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter=delimiter))
+    if not rows:
+        raise SourceError(f"{table}: caption table is empty")
+    needed = [cfg.image_column, cfg.caption_column] + ([cfg.label_column] if cfg.label_column else [])
+    missing = [c for c in needed if c not in rows[0]]
+    if missing:
+        raise SourceError(f"{table}: missing column(s) {missing}; columns are {list(rows[0])}")
+    classes = sorted({row[cfg.label_column] for row in rows}) if cfg.label_column else None
+    items = []
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        image_path = next((p for p in (table.parent / row[cfg.image_column], table.parent / "images" / row[cfg.image_column]) if p.is_file()), None)
+        if image_path is None:
+            raise SourceError(f"{table} line {line}: image {row[cfg.image_column]!r} not found")
+        try:
+            caption = cfg.caption_template.format(caption=row[cfg.caption_column], **row)
+        except (KeyError, IndexError) as exc:
+            raise SourceError(f"shard.source.caption_template: unknown field {exc} (table {table})") from None
+        label = classes.index(row[cfg.label_column]) if classes else None
+        items.append((line, image_path, caption, label))
+    splits = _limited_splits(items, None, None, cfg, seed)
+    samples = {
+        split: [
+            RawSample(key=safe_key(f"row{line:06d}", path.stem), origin=f"{table} line {line} ({path.name})",
+                      image_bytes=path.read_bytes(), image_ext=IMAGE_EXTS.get(path.suffix.lower(), "png"),
+                      label=label, caption=caption)
+            for line, path, caption, label in chosen
+        ]
+        for split, chosen in splits.items()
+    }
+    return PreparedSource(samples, classes, {"kind": "caption_table", "path": str(table)})
+
+
+def _read_tar_samples(path: Path) -> list[RawSample]:
+    """Group an img2dataset-style tar's members by key: image + optional .txt/.json/.cls."""
+    grouped: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path, "r") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                base = Path(member.name).name
+                key, _, ext = base.partition(".")
+                grouped.setdefault(f"{Path(member.name).parent}/{key}", {})[ext.lower()] = archive.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise SourceError(f"{path}: unreadable tar shard: {exc}") from exc
+    samples = []
+    for key, files in grouped.items():
+        image_ext = next((ext for ext in ("jpg", "jpeg", "png", "webp") if ext in files), None)
+        if image_ext is None:
+            raise SourceError(f"{path}: sample {key!r} has no image (.jpg/.png/.webp), only {sorted(files)}")
+        meta = json.loads(files["json"]) if "json" in files else {}
+        samples.append(RawSample(
+            key=safe_key(path.stem, Path(key).name), origin=f"{path}:{key}",
+            image_bytes=files[image_ext], image_ext="jpg" if image_ext == "jpeg" else image_ext,
+            label=int(files["cls"]) if "cls" in files else None,
+            caption=files["txt"].decode("utf-8") if "txt" in files else None, meta=meta,
+        ))
+    return samples
+
+
+def _webdataset(cfg: Any, data_root: Path, seed: int) -> PreparedSource:
+    if cfg.path is None:
+        raise SourceError("shard.source.path: webdataset needs a folder of .tar shards")
+    root = Path(cfg.path).expanduser()
+    tars = sorted(root.glob("*.tar")) if root.is_dir() else [root]
+    if not tars or not all(t.is_file() for t in tars):
+        raise SourceError(f"{root}: no .tar shards found")
+    by_split: dict[str, list[RawSample]] = {}
+    for tar in tars:
+        split = next((s for s in ("train", "val", "test") if tar.name.startswith(s)), "train")
+        by_split.setdefault(split, []).extend(_read_tar_samples(tar))
+    splits = _limited_splits(by_split.get("train", []), by_split.get("val"), by_split.get("test"), cfg, seed)
+    return PreparedSource(splits, None, {"kind": "webdataset", "path": str(root)})
+
+
+SOURCES: dict[str, Callable[[Any, Path, int], PreparedSource]] = {
+    "fashion_mnist": _fashion_mnist,
+    "image_folder": _image_folder,
+    "caption_table": _caption_table,
+    "webdataset": _webdataset,
+}
+
+
+def open_source(cfg: Any, data_root: Path, seed: int = 0) -> PreparedSource:
+    """Read and check the source described by a ``SourceConfig``; ``seed`` picks val and subsets."""
+    return SOURCES[cfg.kind](cfg, Path(data_root), seed)

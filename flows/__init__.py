@@ -1,0 +1,1 @@
+"""Prefect flows composing the stages in ``tasks``: ordering, caching and retries live here."""

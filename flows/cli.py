@@ -1,0 +1,86 @@
+"""``patchflow`` command line: run the pipeline, show presets and configs, open the dashboards."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+
+from tasks.config import ConfigError, available_presets, load_config, resolve_data_root
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="demo", help=f"one of {available_presets()} or a YAML path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set mae.train.steps=50 (repeatable)")
+    parser.add_argument("--data-root", default=None, help="outputs go here (env PATCHFLOW_DATA_ROOT; default ./.patchflow)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_config(args.preset, args.overrides, args.data_root)  # fail fast on a bad config
+    from flows.environment import prepare_environment
+
+    prepare_environment(config.data_root)
+    from flows.pipeline import pipeline  # imports Prefect: after the environment is set
+
+    results = pipeline(preset=args.preset, overrides=args.overrides, data_root=config.data_root)
+    for name, result in results.items():
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items()))
+        print(f"{name:14s} {result.output_dir}\n{'':14s} {metrics}")
+    print(f"\nMLflow UI:  patchflow ui --data-root {config.data_root}")
+    return 0
+
+
+def _show_config(args: argparse.Namespace) -> int:
+    config = load_config(args.preset, args.overrides, args.data_root)
+    print(json.dumps(config.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from tasks.tracking import tracking_uri
+
+    root = resolve_data_root(args.data_root)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(root),
+               "--host", args.host, "--port", str(args.port)]
+    print("starting:", " ".join(command))
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return subprocess.call(command, env=env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchflow", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the whole pipeline (stages that finished before are reused)")
+    _add_config_args(run)
+    run.set_defaults(handler=_run)
+    show = commands.add_parser("config", help="print the validated config of a preset")
+    _add_config_args(show)
+    show.set_defaults(handler=_show_config)
+    presets = commands.add_parser("presets", help="list the presets")
+    presets.set_defaults(handler=lambda _: print("\n".join(available_presets())) or 0)
+    ui = commands.add_parser("ui", help="open the MLflow UI on the data root's tracking store")
+    ui.add_argument("--data-root", default=None)
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(handler=_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"patchflow: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""One typed config system for every stage and every preset.
+
+Presets are YAML files in ``configs/presets``; each is validated against :class:`PipelineConfig`,
+so an unknown key or a bad value fails with the dotted path of the field before any work starts.
+Command-line overrides (``mae.train.steps=50``) are merged into the preset before validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "presets"
+DATA_ROOT_ENV = "PATCHFLOW_DATA_ROOT"
+DEFAULT_DATA_ROOT = ".patchflow"
+
+
+class ConfigError(ValueError):
+    """A preset, override or config file that does not validate; the message names the field."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def digest(self) -> str:
+        """A stable hash of the values, used to name output folders and Prefect cache keys."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class SourceConfig(StrictModel):
+    """Where the images come from and how many of them to take."""
+
+    kind: Literal["fashion_mnist", "image_folder", "caption_table", "webdataset"] = "fashion_mnist"
+    path: str | None = Field(
+        default=None,
+        description="File or folder of the source; None lets fashion_mnist find or fetch its data.",
+    )
+    image_column: str = "file"
+    caption_column: str = "name"
+    caption_template: str = Field(
+        default="{caption}",
+        description="Python format string over the table's columns; {caption} is the caption column.",
+    )
+    label_column: str | None = None
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    max_train: int | None = Field(default=None, gt=0)
+    max_val: int | None = Field(default=None, gt=0)
+    max_test: int | None = Field(default=None, gt=0)
+
+
+class ShardConfig(StrictModel):
+    """The sharding stage: source → WebDataset tar shards plus a manifest."""
+
+    source: SourceConfig = SourceConfig()
+    samples_per_shard: int = Field(default=2000, gt=0)
+    max_shard_bytes: int = Field(default=64 * 2**20, gt=1024)
+    seed: int = 0
+    workers: int = Field(default=2, ge=1, description="Processes encoding/validating images.")
+
+
+class OptimConfig(StrictModel):
+    """AdamW with linear warmup then cosine decay; lr = base_lr × global batch / 256 (MAE's rule)."""
+
+    base_lr: float = Field(default=1.5e-4, gt=0)
+    min_lr: float = Field(default=0.0, ge=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(default=0, ge=0)
+    clip_grad: float | None = Field(default=None, gt=0)
+    accum_steps: int = Field(default=1, ge=1)
+
+
+class TrainConfig(StrictModel):
+    """Settings the shared training engine reads, for every training stage."""
+
+    batch_size: int = Field(default=64, gt=0, description="Per-process micro-batch size.")
+    steps: int = Field(default=100, gt=0, description="Optimizer steps.")
+    optim: OptimConfig = OptimConfig()
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    checkpoint_every: int = Field(default=100, gt=0)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    log_every: int = Field(default=10, gt=0)
+    eval_every: int = Field(default=100, gt=0)
+    num_workers: int = Field(default=1, ge=0, description="Loader worker processes per rank.")
+    shuffle_buffer: int = Field(default=1000, ge=0)
+    ema_decay: float | None = Field(default=None, gt=0, lt=1)
+    nproc_per_node: int = Field(default=1, ge=1)
+    nnodes: int = Field(default=1, ge=1)
+    rdzv_endpoint: str | None = None
+
+
+class MAEConfig(StrictModel):
+    """Masked-autoencoder pretraining of a ViT encoder."""
+
+    encoder_size: str = "nano"
+    image_size: int = Field(default=28, gt=0)
+    patch_size: int = Field(default=4, gt=0)
+    decoder_embed_dim: int = Field(default=64, gt=0)
+    decoder_depth: int = Field(default=2, ge=1)
+    decoder_num_heads: int = Field(default=4, ge=1)
+    mask_ratio: float = Field(default=0.75, gt=0.0, lt=1.0)
+    norm_pix_loss: bool = True
+    drop_path: float = Field(default=0.0, ge=0.0, lt=1.0)
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _patches_tile_image(self) -> "MAEConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}"
+            )
+        return self
+
+
+class PipelineConfig(StrictModel):
+    """The whole pipeline: one section per stage, plus where outputs go."""
+
+    preset: str = "custom"
+    data_root: str = DEFAULT_DATA_ROOT
+    stages: list[Literal["shard", "mae_pretrain"]] = ["shard", "mae_pretrain"]
+    shard: ShardConfig = ShardConfig()
+    mae: MAEConfig = MAEConfig()
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"mae.train.steps=50"`` → (["mae", "train", "steps"], 50); values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like dotted.key=value")
+    key, raw = text.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return path, yaml.safe_load(raw)
+
+
+def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_validation_error(origin: str, error: ValidationError) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "<root>"
+        lines.append(f"  {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def resolve_data_root(
+    data_root: str | os.PathLike[str] | None = None, fallback: str | None = None
+) -> Path:
+    """Flag beats ``PATCHFLOW_DATA_ROOT`` beats the preset's value beats ``./.patchflow``."""
+    chosen = data_root or os.environ.get(DATA_ROOT_ENV) or fallback or DEFAULT_DATA_ROOT
+    return Path(chosen).expanduser().resolve()
+
+
+def load_config(
+    preset: str = "demo",
+    overrides: list[str] | None = None,
+    data_root: str | os.PathLike[str] | None = None,
+) -> PipelineConfig:
+    """Build the validated config for a preset name or a YAML file path, plus overrides."""
+    preset_path = Path(preset)
+    if preset_path.suffix not in (".yaml", ".yml"):
+        preset_path = PRESET_DIR / f"{preset}.yaml"
+    if not preset_path.is_file():
+        raise ConfigError(
+            f"unknown preset {preset!r} (no file {preset_path}); choose one of {available_presets()}"
+        )
+    try:
+        tree = yaml.safe_load(preset_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{preset_path}: not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{preset_path}: top level must be a mapping")
+    tree.setdefault("preset", preset_path.stem)
+    for text in overrides or []:
+        path, value = parse_override(text)
+        _apply_override(tree, path, value)
+    tree["data_root"] = str(resolve_data_root(data_root, fallback=tree.get("data_root")))
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(str(preset_path), exc)) from None

@@ -1,0 +1,59 @@
+"""The sharding stage: a source dataset becomes WebDataset shards plus a manifest."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import mlflow
+
+from data_shards.atomic import atomic_directory
+from data_shards.sources import open_source
+from data_shards.writer import describe_split, encode_all, write_split
+from tasks.config import ShardConfig
+from tasks.stage import (
+    MANIFEST_NAME, StageContext, StageResult, finished_result, result_from_manifest,
+    stage_output_dir, write_manifest,
+)
+from tasks.tracking import stage_run
+
+STAGE = "shard"
+log = logging.getLogger("patchflow.shard")
+
+
+def run(config: ShardConfig, inputs: list[StageResult], context: StageContext) -> StageResult:
+    """Shard the configured source; a finished earlier run with the same config is reused."""
+    output_dir = stage_output_dir(context.data_root, STAGE, config, inputs)
+    done = finished_result(output_dir)
+    if done is not None:
+        log.info("shard: reusing %s", output_dir)
+        return done
+
+    started = time.perf_counter()
+    source = open_source(config.source, context.data_root, seed=config.seed)
+    # Every image is encoded (and so checked) before the first shard is written.
+    encoded = {split: encode_all(samples, config.workers) for split, samples in source.splits.items()}
+    encode_seconds = time.perf_counter() - started
+
+    with stage_run(STAGE, context.data_root, context.parent_run_id, params=config.model_dump(mode="json")) as tracked:
+        with atomic_directory(output_dir) as staging:
+            splits = {}
+            for split, samples in encoded.items():
+                shards = write_split(staging, split, samples, config.samples_per_shard, config.max_shard_bytes)
+                splits[split] = {**describe_split(samples), "shards": shards}
+            elapsed = time.perf_counter() - started
+            total = sum(info["num_samples"] for info in splits.values())
+            metrics = {f"{split}_samples": float(info["num_samples"]) for split, info in splits.items()}
+            metrics.update(
+                total_samples=float(total),
+                num_shards=float(sum(len(info["shards"]) for info in splits.values())),
+                samples_per_s=total / max(elapsed, 1e-9),
+                encode_seconds=encode_seconds,
+            )
+            outputs = {"splits": splits, "classes": source.classes, "source": source.description}
+            write_manifest(staging, STAGE, config, inputs, outputs, metrics, tracked.info.run_id)
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(Path(output_dir) / MANIFEST_NAME))
+    log.info("shard: wrote %d samples in %d shards to %s", total, int(metrics["num_shards"]), output_dir)
+    return result_from_manifest(Path(output_dir) / MANIFEST_NAME)
