@@ -1,0 +1,222 @@
+"""DiT and Gaussian diffusion: published sizes, adaLN-Zero init, forward process, samplers, a tiny overfit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.diffusion import GaussianDiffusion
+from models.dit import DiT, DiTBlock, dit_from_name, get_2d_sincos_pos_embed
+
+
+def tiny_dit(seed: int = 0, **kwargs) -> DiT:
+    torch.manual_seed(seed)
+    args = dict(input_size=8, in_channels=4, num_classes=10, learn_sigma=True)
+    args.update(kwargs)
+    return dit_from_name("DiT-N/2", **args)
+
+
+def randomize_zero_inits(model: DiT, seed: int = 1) -> DiT:
+    """Give the zero-initialised adaLN and final layers random weights, so outputs depend on inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "adaLN_modulation" in name or "final_layer.linear" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+# ----------------------------------------------------------------------------- DiT
+
+
+def test_dit_xl2_has_published_parameter_count():
+    with torch.device("meta"):
+        model = dit_from_name("DiT-XL/2", input_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
+    assert sum(p.numel() for p in model.parameters()) == 675_129_632
+    assert not model.pos_embed.requires_grad
+
+
+def test_adaln_zero_block_is_identity_at_init():
+    torch.manual_seed(0)
+    model = tiny_dit()
+    x = torch.randn(3, 16, 64)
+    c = torch.randn(3, 64)
+    for block in model.blocks:
+        assert isinstance(block, DiTBlock)
+        assert torch.equal(block(x, c), x)
+    # A block on its own has random adaLN weights; zeroing the modulation is what makes it the identity.
+    standalone = DiTBlock(64, num_heads=2)
+    assert not torch.equal(standalone(x, c), x)
+    torch.nn.init.zeros_(standalone.adaLN_modulation[-1].weight)
+    torch.nn.init.zeros_(standalone.adaLN_modulation[-1].bias)
+    assert torch.equal(standalone(x, c), x)
+
+
+def test_dit_output_is_exactly_zero_at_init_and_has_expected_shape():
+    model = tiny_dit(learn_sigma=True)
+    x = torch.randn(5, 4, 8, 8)
+    out = model(x, torch.randint(0, 1000, (5,)), torch.randint(0, 10, (5,)))
+    assert out.shape == (5, 8, 8, 8)
+    assert torch.count_nonzero(out) == 0
+    fixed_sigma = tiny_dit(learn_sigma=False)
+    assert fixed_sigma(x, torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long)).shape == (5, 4, 8, 8)
+
+
+def test_unpatchify_inverts_patch_order():
+    model = tiny_dit(learn_sigma=False, input_size=8)
+    p, c, g = model.patch_size, model.out_channels, model.x_embedder.grid_size
+    image = torch.randn(2, c, 8, 8)
+    # Patchify by hand, row-major over the grid, each patch flattened as (p, q, c).
+    tokens = image.reshape(2, c, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(2, g * g, p * p * c)
+    assert torch.equal(model.unpatchify(tokens), image)
+
+
+def test_pos_embed_is_fixed_sincos():
+    model = tiny_dit()
+    expected = get_2d_sincos_pos_embed(64, model.x_embedder.grid_size)
+    assert torch.allclose(model.pos_embed[0], expected)
+    assert expected.shape == (16, 64)
+    # Position (0, 0): sin halves are 0, cos halves are 1, for the column and the row parts.
+    assert torch.equal(expected[0], torch.cat([torch.zeros(16), torch.ones(16), torch.zeros(16), torch.ones(16)]))
+    # Token 1 is (row 0, column 1): only the column half (first D/2) differs from token 0.
+    assert torch.equal(expected[1, 32:], expected[0, 32:]) and not torch.equal(expected[1, :32], expected[0, :32])
+
+
+def test_bad_sizes_raise_named_errors():
+    with pytest.raises(ValueError, match="input_size=10.*patch_size=4"):
+        dit_from_name("DiT-N/4", input_size=10, in_channels=4, num_classes=10)
+    with pytest.raises(ValueError, match="unknown DiT name"):
+        dit_from_name("DiT-Q/2", input_size=8, in_channels=4, num_classes=10)
+
+
+def test_label_dropout_only_in_training_mode():
+    model = tiny_dit(class_dropout_prob=0.1)
+    seen: list[torch.Tensor] = []
+    model.y_embedder.embedding_table.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
+    n = 512
+    x = torch.randn(n, 4, 8, 8)
+    t = torch.zeros(n, dtype=torch.long)
+    y = torch.randint(0, 10, (n,))
+    torch.manual_seed(0)
+    model.train()
+    model(x, t, y)
+    model.eval()
+    model(x, t, y)
+    train_ids, eval_ids = seen
+    dropped = train_ids == model.num_classes
+    assert 0 < dropped.sum() < n * 0.3  # about 10 % dropped
+    assert torch.equal(train_ids[~dropped], y[~dropped])
+    assert torch.equal(eval_ids, y)
+    assert model.null_class == 10
+    forced = model.y_embedder.token_drop(y[:4], force_drop_ids=torch.tensor([1, 0, 1, 0]))
+    assert forced.tolist() == [10, y[1].item(), 10, y[3].item()]
+
+
+def test_forward_with_cfg_scale_one_equals_conditional():
+    model = randomize_zero_inits(tiny_dit()).eval()
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 10])
+    y = torch.tensor([3, 10])
+    out = model.forward_with_cfg(torch.cat([x[:1], x[:1]]), t, y, cfg_scale=1.0)
+    cond = model(x[:1], t[:1], y[:1])
+    assert torch.allclose(out[:1, :4], cond[:, :4], atol=1e-6)
+    with pytest.raises(ValueError, match="cfg_scale"):
+        model.forward_with_cfg(x, t, y, cfg_scale=0.5)
+
+
+# ----------------------------------------------------------------------- diffusion
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_schedule_and_q_sample_match_closed_form(schedule):
+    diffusion = GaussianDiffusion(num_timesteps=1000, schedule=schedule)
+    betas = diffusion.betas
+    assert betas.dtype == torch.float64 and betas.shape == (1000,)
+    assert torch.all(betas > 0) and torch.all(betas <= 0.999)
+    running, cumulative = 1.0, []
+    for beta in betas.tolist():
+        running *= 1.0 - beta
+        cumulative.append(running)
+    assert torch.allclose(diffusion.alphas_cumprod, torch.tensor(cumulative, dtype=torch.float64), rtol=1e-12)
+    assert torch.all(diffusion.alphas_cumprod[1:] < diffusion.alphas_cumprod[:-1])
+    if schedule == "linear":
+        assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
+
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 4, 8, 8, generator=generator)
+    noise = torch.randn(6, 4, 8, 8, generator=generator)
+    t = torch.tensor([0, 1, 250, 500, 998, 999])
+    ab = diffusion.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    expected = (ab.sqrt() * x0.double() + (1 - ab).sqrt() * noise.double()).float()
+    assert torch.allclose(diffusion.q_sample(x0, t, noise), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sampling_is_deterministic_per_seed(sampler):
+    model = randomize_zero_inits(tiny_dit()).eval()
+    diffusion = GaussianDiffusion()
+    y = torch.tensor([0, 3, 7])
+
+    def draw(seed: int, cfg_scale: float) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        if sampler == "ddim":
+            return diffusion.ddim_sample(model, (3, 4, 8, 8), y, cfg_scale=cfg_scale, steps=5, eta=0.5,
+                                         generator=generator)
+        return diffusion.ddpm_sample(model, (3, 4, 8, 8), y, cfg_scale=cfg_scale, steps=5, generator=generator)
+
+    first, again, other = draw(0, 1.0), draw(0, 1.0), draw(1, 1.0)
+    assert first.shape == (3, 4, 8, 8) and torch.isfinite(first).all()
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+    guided, guided_again = draw(0, 4.0), draw(0, 4.0)
+    assert torch.equal(guided, guided_again)
+    assert not torch.allclose(guided, first)
+
+
+def test_cfg_scale_below_one_raises():
+    model = tiny_dit().eval()
+    diffusion = GaussianDiffusion()
+    y = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="cfg_scale"):
+        diffusion.ddim_sample(model, (2, 4, 8, 8), y, cfg_scale=0.5, steps=2)
+    with pytest.raises(ValueError, match="cfg_scale"):
+        diffusion.ddpm_sample(model, (2, 4, 8, 8), y, cfg_scale=0.0, steps=2)
+
+
+def test_full_ddpm_chain_matches_posterior_variance():
+    # With all T steps the respaced beta equals the schedule's own beta.
+    diffusion = GaussianDiffusion(num_timesteps=50)
+    seq = diffusion.timestep_sequence(50)
+    assert seq == list(range(49, -1, -1))
+    assert diffusion.timestep_sequence(5)[0] == 49 and diffusion.timestep_sequence(5)[-1] == 0
+
+
+def test_overfit_tiny_dit_lowers_diffusion_loss():
+    torch.manual_seed(0)
+    model = dit_from_name("DiT-N/2", input_size=8, in_channels=4, num_classes=4, learn_sigma=True)
+    diffusion = GaussianDiffusion()
+    latents = torch.randn(8, 4, 8, 8).clamp(-2, 2)
+    labels = torch.arange(8) % 4
+    eval_t = torch.linspace(0, 999, 8).long()
+
+    def eval_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            loss, _ = diffusion.training_loss(model, latents, t=eval_t, y=labels,
+                                              generator=torch.Generator().manual_seed(123))
+        model.train()
+        return loss.item()
+
+    before = eval_loss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        loss, metrics = diffusion.training_loss(model, latents, y=labels, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    after = eval_loss()
+    assert before == pytest.approx(1.0, abs=0.3)  # zero output at init: loss = E[noise^2]
+    assert after < 0.8 * before, (before, after)
+    assert set(metrics) >= {"mse"}
+    assert model.pos_embed.grad is None
