@@ -203,9 +203,12 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def epoch_loader(spec: LoaderSpec, epoch: int) -> DataLoader:
     """A DataLoader over one epoch of this rank's share."""
+    # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG, so where an
+    # epoch starts would shift the model's random stream (masks, dropout) and break exact resume.
+    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch)
     return DataLoader(
         ShardStream(replace(spec, epoch=epoch)), batch_size=spec.batch_size, num_workers=spec.num_workers,
-        collate_fn=collate, drop_last=spec.drop_last, persistent_workers=False,
+        collate_fn=collate, drop_last=spec.drop_last, persistent_workers=False, generator=generator,
     )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageStat
 
 from data_shards.atomic import sha256_file
 from data_shards.samples import RawSample, SourceError
@@ -34,6 +34,7 @@ class EncodedSample:
     width: int
     height: int
     channels: int
+    pixel_sums: tuple[tuple[float, float, int], ...] = ()  # per channel: Σx, Σx², count (x in [0, 1])
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -73,7 +74,9 @@ def encode_sample(sample: RawSample) -> EncodedSample:
     if sample.meta:
         files["json"] = json.dumps(sample.meta, sort_keys=True).encode()
     channels = 1 if image.mode == "L" else 3
-    return EncodedSample(sample.key, files, sample.label, image.width, image.height, channels)
+    stat = ImageStat.Stat(image if image.mode in ("L", "RGB") else image.convert("RGB"))
+    sums = tuple((s / 255.0, s2 / 255.0**2, int(n)) for s, s2, n in zip(stat.sum, stat.sum2, stat.count))
+    return EncodedSample(sample.key, files, sample.label, image.width, image.height, channels, sums)
 
 
 def encode_all(samples: Sequence[RawSample], workers: int) -> list[EncodedSample]:
@@ -108,16 +111,34 @@ def write_split(
     return shards
 
 
+def pixel_statistics(encoded: Sequence[EncodedSample], channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of pixel values in [0, 1] (grey images count towards every channel)."""
+    totals = [[0.0, 0.0, 0] for _ in range(channels)]
+    for sample in encoded:
+        sums = sample.pixel_sums * channels if len(sample.pixel_sums) == 1 else sample.pixel_sums
+        for total, (s, s2, n) in zip(totals, sums):
+            total[0] += s
+            total[1] += s2
+            total[2] += n
+    mean = [s / max(n, 1) for s, _, n in totals]
+    std = [max(s2 / max(n, 1) - m * m, 0.0) ** 0.5 for (_, s2, n), m in zip(totals, mean)]
+    return [round(m, 6) for m in mean], [round(max(s, 1e-6), 6) for s in std]
+
+
 def describe_split(encoded: Sequence[EncodedSample]) -> dict[str, Any]:
-    """Class histogram, image size(s) and channel count of a split, for the manifest."""
+    """Class histogram, image size(s), channels and pixel statistics of a split, for the manifest."""
     sizes = Counter((s.height, s.width) for s in encoded)
+    channels = max(s.channels for s in encoded)
+    mean, std = pixel_statistics(encoded, channels)
     histogram = Counter(s.label for s in encoded if s.label is not None)
     return {
         "num_samples": len(encoded),
         "class_histogram": {str(k): v for k, v in sorted(histogram.items())},
         "image_size": list(sizes.most_common(1)[0][0]) if len(sizes) == 1 else None,
         "image_sizes": {f"{h}x{w}": n for (h, w), n in sorted(sizes.items())},
-        "channels": max(s.channels for s in encoded),
+        "channels": channels,
+        "pixel_mean": mean,
+        "pixel_std": std,
         "has_captions": any("txt" in s.files for s in encoded),
         "has_labels": bool(histogram),
     }

@@ -15,10 +15,13 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 EXPERIMENT_NAME = "patchflow"
+# Read once at import: mlflow.set_tracking_uri() writes this variable back into os.environ, so a
+# later read could no longer tell the user's server from the store of an earlier data root.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def tracking_uri(data_root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(data_root).resolve()}/mlflow.db"
+    return USER_TRACKING_URI or f"sqlite:///{Path(data_root).resolve()}/mlflow.db"
 
 
 def configure_tracking(data_root: Path) -> str:
@@ -30,7 +33,7 @@ def configure_tracking(data_root: Path) -> str:
     experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
     if experiment is None:
         # Artifacts beside the SQLite store, not in whatever folder the user happened to start in.
-        location = None if "MLFLOW_TRACKING_URI" in os.environ else (Path(data_root).resolve() / "mlartifacts").as_uri()
+        location = None if USER_TRACKING_URI else (Path(data_root).resolve() / "mlartifacts").as_uri()
         experiment_id = client.create_experiment(EXPERIMENT_NAME, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
@@ -52,14 +55,26 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 @contextmanager
 def stage_run(
-    stage: str, data_root: Path, parent_run_id: str | None, params: dict[str, Any] | None = None
+    stage: str, data_root: Path, parent_run_id: str | None, params: dict[str, Any] | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Open the stage's MLflow run, nested under the pipeline's parent run when there is one."""
+    """Open the stage's MLflow run, nested under the pipeline's parent run when there is one.
+
+    ``system_metrics`` samples CPU/GPU/memory use alongside (for the training stages).
+    """
     configure_tracking(data_root)  # a stage called without the flow still logs under its data root
     with mlflow.start_run(
         run_name=stage, parent_run_id=parent_run_id, nested=parent_run_id is not None,
-        tags={"patchflow.stage": stage},
+        tags={"patchflow.stage": stage}, log_system_metrics=system_metrics,
     ) as run:
         if params:
             mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
         yield run
+
+
+def log_image(image_chw: Any, artifact_file: str) -> None:
+    """Log a (C, H, W) tensor in [0, 1] as a PNG artifact of the active run."""
+    import numpy as np
+
+    array = (image_chw.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+    mlflow.log_image(array[..., 0] if array.shape[-1] == 1 else np.ascontiguousarray(array), artifact_file=artifact_file)

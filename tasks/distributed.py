@@ -1,0 +1,95 @@
+"""Process-group setup from torchrun's environment, and launching torchrun from a task."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: rank among world_size, and the device it computes on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); one process otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    else:
+        device = "cpu"
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def torchrun_command(
+    module: str, module_args: list[str], nproc_per_node: int, nnodes: int = 1,
+    rdzv_endpoint: str | None = None, node_rank: int | None = None,
+) -> list[str]:
+    """The torchrun command line for ``python -m module``; several nodes rendezvous over c10d."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}"]
+    if nnodes > 1:
+        if not rdzv_endpoint:
+            raise ValueError("train.rdzv_endpoint (host:port) is required when train.nnodes > 1")
+        command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+        if node_rank is not None:
+            command.append(f"--node-rank={node_rank}")
+    else:
+        command.append("--standalone")
+    return command + ["-m", module, *module_args]
+
+
+def run_torchrun(command: list[str], log: Callable[[str], None] | None = None, env: dict[str, str] | None = None) -> None:
+    """Run torchrun in its own process group, streaming its output; stop all of it on interrupt.
+
+    A new session means a cancelled or timed-out task can kill every rank, not just the launcher.
+    """
+    log = log or logging.getLogger("patchflow.torchrun").info
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True, env={**os.environ, **(env or {})})
+    tail: list[str] = []
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            line = line.rstrip()
+            tail = (tail + [line])[-40:]
+            log(line)
+        code = process.wait()
+    except BaseException:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        raise
+    if code != 0:
+        raise RuntimeError(f"torchrun exited with code {code}; last output:\n" + "\n".join(tail))

@@ -1,0 +1,230 @@
+"""The one training engine every training stage uses (MAE, fine-tuning, VAE, DiT).
+
+A stage supplies the model, a loss over a batch, the batch stream and its config; the engine owns
+the loop: DDP wrapping, AdamW with warmup + cosine, autocast, accumulation, clipping, EMA,
+checkpoint/resume to the step, throughput and metric logging (rank 0 only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from tasks.checkpoint import list_checkpoints, load_latest, restore_rng_state, rng_state, save_checkpoint
+from tasks.config import OptimConfig, TrainConfig
+from tasks.distributed import DistInfo
+
+log = logging.getLogger("patchflow.engine")
+
+Batch = dict[str, Any]
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, Any]]]
+BatchStream = Callable[[int, int], Iterator[tuple[int, int, Batch]]]  # (start_epoch, skip) → (epoch, index, batch)
+MetricLogger = Callable[[dict[str, float], int], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stops rather than writing a broken checkpoint."""
+
+
+@dataclass
+class TrainJob:
+    """Everything that differs between training stages."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    batches: BatchStream
+    config: TrainConfig
+    checkpoint_dir: Path
+    signature: dict[str, Any]
+    dist: DistInfo = field(default_factory=DistInfo)
+    log_metrics: MetricLogger | None = None
+    on_eval: Callable[[nn.Module, int], None] | None = None
+    param_groups: Callable[[nn.Module, float], list[dict[str, Any]]] | None = None
+    stop_after: int | None = None  # end this process early at this step (tests simulate a kill with it)
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    resumed_from: int
+    losses: list[float]
+    images_per_s: float
+    wall_s: float
+    ema: nn.Module | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Norms, biases, tokens and position embeddings are not decayed (MAE/ViT practice)."""
+    return param.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name
+
+
+def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, plain = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (plain if no_weight_decay(name, param) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def peak_learning_rate(optim: OptimConfig, global_batch: int) -> float:
+    """MAE's linear scaling rule: lr = base_lr × global batch / 256."""
+    return optim.base_lr * global_batch / 256
+
+
+def lr_factor(step: int, total_steps: int, optim: OptimConfig, peak_lr: float) -> float:
+    """Per-step multiplier of the peak lr: linear warmup, then cosine decay to ``min_lr``."""
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
+    floor = optim.min_lr / peak_lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def autocast_context(precision: str, device: str) -> contextlib.AbstractContextManager:
+    if device.startswith("cuda") and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def wrap_model(model: nn.Module, dist: DistInfo) -> nn.Module:
+    """Move to the device and, with several processes, wrap in DistributedDataParallel."""
+    model.to(dist.device)
+    if not dist.distributed:
+        return model
+    device_ids = [dist.local_rank] if dist.device.startswith("cuda") else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for ema_param, param in zip(ema.parameters(), model.parameters()):
+            ema_param.lerp_(param.detach(), 1.0 - decay)
+        for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+
+
+def _to_device(batch: Batch, device: str) -> Batch:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _scalar(value: Any) -> float:
+    return float(value.detach()) if torch.is_tensor(value) else float(value)
+
+
+def train(job: TrainJob) -> TrainSummary:
+    """Run (or resume) ``job.config.steps`` optimizer steps; returns the loss of every step."""
+    cfg, dist = job.config, job.dist
+    seed_everything(cfg.seed + dist.rank)
+    model = wrap_model(job.model, dist)
+    core = job.model
+    global_batch = cfg.batch_size * dist.world_size * cfg.optim.accum_steps
+    peak_lr = peak_learning_rate(cfg.optim, global_batch)
+    groups = (job.param_groups or default_param_groups)(core, cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=cfg.optim.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg.steps, cfg.optim, peak_lr))
+    ema = copy.deepcopy(core).eval().requires_grad_(False) if cfg.ema_decay else None
+
+    state = load_latest(job.checkpoint_dir, job.signature)
+    step, epoch, position, losses = 0, 0, 0, []
+    if state is not None:
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        saved_rng = state["rng"]
+        if isinstance(saved_rng, list):  # one per rank; a different world size cannot replay the same streams
+            saved_rng = saved_rng[dist.rank] if dist.rank < len(saved_rng) else None
+        if saved_rng is not None:
+            restore_rng_state(saved_rng)
+        step, epoch, position, losses = state["step"], state["epoch"], state["position"], list(state["losses"])
+        log.info("resuming from step %d (epoch %d, batch %d) in %s", step, epoch, position, job.checkpoint_dir)
+    resumed_from = step
+
+    def checkpoint() -> None:
+        rngs = _gather_rng_states(dist)
+        if dist.is_main:
+            save_checkpoint(job.checkpoint_dir, step, {
+                "model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None, "rng": rngs, "step": step, "epoch": epoch,
+                "position": position, "losses": losses, "signature": job.signature,
+            }, keep=cfg.keep_checkpoints)
+
+    stream = job.batches(epoch, position)
+    model.train()
+    started, window_start, window_images, images = time.perf_counter(), time.perf_counter(), 0, 0
+    while step < cfg.steps and (job.stop_after is None or step < job.stop_after):
+        optimizer.zero_grad(set_to_none=True)
+        metrics: dict[str, float] = {}
+        step_loss = 0.0
+        for micro in range(cfg.optim.accum_steps):
+            epoch, index, batch = next(stream)
+            batch = _to_device(batch, dist.device)
+            sync = micro == cfg.optim.accum_steps - 1 or not dist.distributed
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast_context(cfg.precision, dist.device):
+                loss, extra = job.loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"loss is {float(loss)} at step {step} (epoch {epoch}, batch {index}); "
+                                         f"lower optim.base_lr or enable optim.clip_grad")
+            (loss / cfg.optim.accum_steps).backward()
+            step_loss += float(loss.detach()) / cfg.optim.accum_steps
+            metrics.update({k: _scalar(v) for k, v in extra.items()})
+            window_images += len(batch["image"]) * dist.world_size
+            position = index + 1
+        if cfg.optim.clip_grad:
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.optim.clip_grad))
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            _update_ema(ema, core, cfg.ema_decay)
+        step += 1
+        losses.append(step_loss)
+        if dist.is_main and job.log_metrics and (step % cfg.log_every == 0 or step == cfg.steps):
+            now = time.perf_counter()
+            rate = window_images / max(now - window_start, 1e-9)
+            images += window_images
+            window_start, window_images = now, 0
+            job.log_metrics({"loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "images_per_s": rate, **metrics}, step)
+        if job.on_eval and dist.is_main and (step % cfg.eval_every == 0 or step == cfg.steps):
+            job.on_eval(ema if ema is not None else core, step)
+            model.train()
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoint()
+    wall = time.perf_counter() - started
+    images += window_images
+    return TrainSummary(steps=step, resumed_from=resumed_from, losses=losses,
+                        images_per_s=images / max(wall, 1e-9), wall_s=wall, ema=ema)
+
+
+def _gather_rng_states(dist: DistInfo) -> Any:
+    """Every rank's RNG state (each rank masks and augments with its own stream)."""
+    if not dist.distributed:
+        return rng_state()
+    gathered: list[Any] = [None] * dist.world_size
+    torch.distributed.all_gather_object(gathered, rng_state())
+    return gathered
+
+
+def has_checkpoint(folder: Path) -> bool:
+    return bool(list_checkpoints(folder))

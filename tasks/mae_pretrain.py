@@ -1,0 +1,170 @@
+"""The MAE pretraining stage: a ViT encoder pretrained as a masked autoencoder on the shards.
+
+One process trains in-process; several are launched with torchrun on this module
+(``python -m tasks.mae_pretrain JOB.json``), every rank running :func:`train_worker`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+
+from data_shards.atomic import sha256_file, write_bytes_atomic, write_json_atomic
+from data_shards.loader import LoaderSpec, evaluation_batches, split_shards, training_batches
+from models.mae import MaskedAutoencoder, denormalize_pred, mae_from_name, reconstruction_grid
+from tasks.config import MAEConfig
+from tasks.distributed import init_distributed, run_torchrun, shutdown_distributed, torchrun_command
+from tasks.engine import TrainJob, TrainSummary, seed_everything, train
+from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
+from tasks.tracking import log_image, stage_run, tracking_uri
+
+STAGE = "mae_pretrain"
+log = logging.getLogger("patchflow.mae")
+
+
+def data_geometry(shards_manifest: str | Path) -> dict[str, Any]:
+    """Channels and normalisation of the train split, read from the shard manifest."""
+    train_split = json.loads(Path(shards_manifest).read_text())["outputs"]["splits"].get("train")
+    if train_split is None:
+        raise ValueError(f"{shards_manifest}: no train split to pretrain on")
+    return {"channels": train_split["channels"], "mean": train_split["pixel_mean"], "std": train_split["pixel_std"]}
+
+
+def model_signature(config: MAEConfig, channels: int) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the architecture, not the schedule."""
+    return {"encoder_size": config.encoder_size, "image_size": config.image_size, "patch_size": config.patch_size,
+            "in_chans": channels, "decoder_embed_dim": config.decoder_embed_dim, "decoder_depth": config.decoder_depth,
+            "decoder_num_heads": config.decoder_num_heads, "norm_pix_loss": config.norm_pix_loss}
+
+
+def build_model(config: MAEConfig, channels: int) -> MaskedAutoencoder:
+    return mae_from_name(
+        config.encoder_size, img_size=config.image_size, patch_size=config.patch_size, in_chans=channels,
+        decoder_embed_dim=config.decoder_embed_dim, decoder_depth=config.decoder_depth,
+        decoder_num_heads=config.decoder_num_heads, mask_ratio=config.mask_ratio,
+        norm_pix_loss=config.norm_pix_loss, drop_path_rate=config.drop_path)
+
+
+def mae_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    loss, _, _ = model(batch["image"])
+    return loss, {}
+
+
+def _loader_spec(config: MAEConfig, manifest: str, split: str, geometry: dict, rank: int = 0, world: int = 1) -> LoaderSpec:
+    return LoaderSpec(
+        shard_paths=split_shards(manifest, split), batch_size=config.train.batch_size, rank=rank, world_size=world,
+        num_workers=config.train.num_workers, seed=config.train.seed, shuffle_buffer=config.train.shuffle_buffer,
+        image_size=config.image_size, channels=geometry["channels"], augment="crop_flip",
+        mean=tuple(geometry["mean"]), std=tuple(geometry["std"]))
+
+
+def _reconstruction_logger(config: MAEConfig, manifest: str, geometry: dict, device: str):
+    """Every eval interval: validation loss with a fixed mask, and an original/masked/reconstruction grid."""
+    spec = _loader_spec(config, manifest, "val", geometry)
+    images = next(iter(evaluation_batches(spec)))["image"][:8].to(device)
+
+    @torch.no_grad()
+    def on_eval(model: MaskedAutoencoder, step: int) -> None:
+        model.eval()
+        generator = torch.Generator(device=device).manual_seed(0)
+        loss, pred, mask = model(images, generator=generator)
+        if model.norm_pix_loss:
+            pred = denormalize_pred(images, pred, model.patch_size)
+        grid = reconstruction_grid(images, pred, mask, model.patch_size, mean=geometry["mean"], std=geometry["std"])
+        mlflow.log_metric("val_loss", float(loss), step=step)
+        log_image(grid, f"reconstruction/step-{step:06d}.png")
+
+    return on_eval
+
+
+def train_worker(job_path: Path) -> TrainSummary:
+    """What every rank runs: build model and stream, train, and (rank 0) export the encoder."""
+    spec = json.loads(Path(job_path).read_text())
+    config, manifest, output_dir = MAEConfig.model_validate(spec["config"]), spec["shards_manifest"], Path(spec["output_dir"])
+    dist = init_distributed()
+    geometry = data_geometry(manifest)
+    loader = _loader_spec(config, manifest, "train", geometry, dist.rank, dist.world_size)
+    seed_everything(config.train.seed)  # same initial weights for the same seed
+    model = build_model(config, geometry["channels"])
+    job = TrainJob(
+        model=model, loss_fn=mae_loss, batches=lambda epoch, skip: training_batches(loader, epoch, skip),
+        config=config.train, checkpoint_dir=output_dir / "checkpoints",
+        signature=model_signature(config, geometry["channels"]), dist=dist,
+        log_metrics=(lambda metrics, step: mlflow.log_metrics(metrics, step=step)) if dist.is_main else None,
+        on_eval=_reconstruction_logger(config, manifest, geometry, dist.device) if dist.is_main else None,
+        stop_after=spec.get("stop_after"),
+    )
+    summary = train(job)
+    if dist.is_main and summary.steps == config.train.steps:
+        _export(model, output_dir, summary)
+    shutdown_distributed()
+    return summary
+
+
+def _export(model: MaskedAutoencoder, output_dir: Path, summary: TrainSummary) -> None:
+    for name, module in (("encoder.pt", model.encoder), ("mae.pt", model)):
+        buffer = __import__("io").BytesIO()
+        torch.save({k: v.cpu() for k, v in module.state_dict().items()}, buffer)
+        write_bytes_atomic(output_dir / name, buffer.getvalue())
+    write_json_atomic(output_dir / "train_summary.json", {
+        "steps": summary.steps, "resumed_from": summary.resumed_from, "losses": summary.losses,
+        "images_per_s": summary.images_per_s, "wall_s": summary.wall_s})
+
+
+def run(config: MAEConfig, inputs: list[StageResult], context: StageContext) -> StageResult:
+    """Pretrain (or resume pretraining) an MAE on the upstream shards; reuse a finished run."""
+    (shards,) = [r for r in inputs if r.stage == "shard"]
+    output_dir = stage_output_dir(context.data_root, STAGE, config, inputs)
+    done = finished_result(output_dir)
+    if done is not None:
+        return done
+    geometry = data_geometry(shards.manifest_path)
+    build_model(config, geometry["channels"])  # bad geometry fails here, before any process starts
+    output_dir.mkdir(parents=True, exist_ok=True)
+    job_path = output_dir / "job.json"
+    write_json_atomic(job_path, {"config": config.model_dump(mode="json"), "shards_manifest": shards.manifest_path,
+                                 "output_dir": str(output_dir), "stop_after": context.extra.get("stop_after")})
+    world = config.train.nproc_per_node * config.train.nnodes
+    params = {**config.model_dump(mode="json"), "in_chans": geometry["channels"], "world_size": world}
+    with stage_run(STAGE, context.data_root, context.parent_run_id, params=params, system_metrics=True) as tracked:
+        if world == 1:
+            train_worker(job_path)
+        else:
+            command = torchrun_command("tasks.mae_pretrain", [str(job_path)], config.train.nproc_per_node,
+                                       config.train.nnodes, config.train.rdzv_endpoint)
+            run_torchrun(command, log=log.info, env={"MLFLOW_RUN_ID": tracked.info.run_id,
+                                                     "MLFLOW_TRACKING_URI": tracking_uri(context.data_root)})
+        if not (output_dir / "encoder.pt").is_file():
+            raise RuntimeError(f"{STAGE}: training stopped before step {config.train.steps}; run again to resume "
+                               f"from the newest checkpoint in {output_dir / 'checkpoints'}")
+        summary = json.loads((output_dir / "train_summary.json").read_text())
+        losses = summary["losses"]
+        window = max(1, min(10, len(losses) // 4))
+        metrics = {"first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window,
+                   "images_per_s": summary["images_per_s"], "train_wall_s": summary["wall_s"],
+                   "steps": float(summary["steps"]), "resumed_from_step": float(summary["resumed_from"])}
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(output_dir / "encoder.pt"))
+        outputs = {
+            "encoder": {"path": "encoder.pt", "sha256": sha256_file(output_dir / "encoder.pt")},
+            "mae": {"path": "mae.pt", "sha256": sha256_file(output_dir / "mae.pt")},
+            "architecture": model_signature(config, geometry["channels"]),
+            "normalization": {"mean": geometry["mean"], "std": geometry["std"]},
+        }
+        return write_manifest(output_dir, STAGE, config, inputs, outputs, metrics, tracked.info.run_id)
+
+
+if __name__ == "__main__":  # a torchrun rank
+    logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(name)s %(message)s")
+    if os.environ.get("RANK", "0") == "0" and os.environ.get("MLFLOW_RUN_ID"):
+        with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]):
+            train_worker(Path(sys.argv[1]))
+    else:
+        train_worker(Path(sys.argv[1]))

@@ -1,0 +1,143 @@
+"""The shared training engine: schedule, resume to the step, DDP equivalence, failure modes."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from models.vit import VisionTransformer
+from tasks import mae_pretrain
+from tasks.checkpoint import CheckpointMismatch, list_checkpoints, save_checkpoint
+from tasks.config import MAEConfig, OptimConfig, TrainConfig
+from tasks.distributed import DistInfo
+from tasks.engine import NonFiniteLossError, TrainJob, default_param_groups, lr_factor, peak_learning_rate, train, wrap_model
+from tasks.stage import StageContext
+from tests.helpers import make_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"), samples_per_shard=50)
+
+
+def _mae_config(**train_args) -> MAEConfig:
+    train = {"batch_size": 16, "steps": 8, "checkpoint_every": 3, "log_every": 1, "eval_every": 100,
+             "num_workers": 1, "shuffle_buffer": 64, "optim": {"base_lr": 2e-3, "warmup_steps": 2}} | train_args
+    return MAEConfig(encoder_size="nano", image_size=28, patch_size=4, decoder_embed_dim=32, decoder_depth=1,
+                     decoder_num_heads=2, train=TrainConfig.model_validate(train))
+
+
+def _pretrain(shards, root: Path, config: MAEConfig, stop_after: int | None = None):
+    return mae_pretrain.run(config, [shards], StageContext(data_root=root, extra={"stop_after": stop_after}))
+
+
+def test_warmup_then_cosine_and_linear_scaling():
+    optim = OptimConfig(base_lr=1e-3, warmup_steps=10, min_lr=1e-5)
+    peak = peak_learning_rate(optim, global_batch=512)
+    assert peak == pytest.approx(2e-3)
+    factors = [lr_factor(step, 100, optim, peak) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    assert lr_factor(100, 100, optim, peak) * peak == pytest.approx(1e-5)
+    assert factors[55] == pytest.approx((1e-5 / peak) + (1 - 1e-5 / peak) * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_norms_biases_and_tokens_are_not_decayed():
+    model = VisionTransformer(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2)
+    decay, plain = default_param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in plain["params"]} >= {"cls_token", "norm.weight", "norm.bias", "blocks.0.attn.qkv.bias"}
+    assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_loss_curve(shards, tmp_path):
+    config = _mae_config()
+    straight = _pretrain(shards, tmp_path / "straight", config)
+    with pytest.raises(RuntimeError, match="run again to resume"):
+        _pretrain(shards, tmp_path / "killed", config, stop_after=5)  # dies after step 5; newest checkpoint: step 3
+    resumed = _pretrain(shards, tmp_path / "killed", config)
+    curve = lambda r: json.loads((Path(r.output_dir) / "train_summary.json").read_text())
+    assert curve(resumed)["resumed_from"] == 3
+    assert curve(resumed)["losses"] == curve(straight)["losses"]  # bit-identical on CPU with a fixed seed
+    assert [p.name for p in list_checkpoints(Path(resumed.output_dir) / "checkpoints")] == ["step-00000006.pt", "step-00000008.pt"]
+
+
+def test_short_real_run_lowers_the_loss_and_exports_a_loadable_encoder(shards, tmp_path):
+    result = _pretrain(shards, tmp_path, _mae_config(steps=40, checkpoint_every=40, num_workers=0))
+    assert result.metrics["final_loss"] < 0.8 * result.metrics["first_loss"]
+    manifest = result.manifest()
+    arch = manifest["outputs"]["architecture"]
+    encoder = VisionTransformer(img_size=arch["image_size"], patch_size=arch["patch_size"], in_chans=arch["in_chans"],
+                                embed_dim=64, depth=4, num_heads=4)
+    encoder.load_state_dict(torch.load(Path(result.output_dir) / "encoder.pt"), strict=True)
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    batches = lambda epoch, skip: iter([(0, 0, {"image": torch.ones(4, 2)})] * 3)
+    job = TrainJob(model=model, loss_fn=lambda m, b: (m(b["image"]).sum() * float("nan"), {}), batches=batches,
+                   config=TrainConfig(steps=2, batch_size=4), checkpoint_dir=tmp_path, signature={})
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 0"):
+        train(job)
+    assert not list_checkpoints(tmp_path)
+
+
+def test_checkpoint_of_another_model_config_is_refused_before_training(shards, tmp_path):
+    config = _mae_config(steps=3)
+    _pretrain(shards, tmp_path, config, stop_after=3)  # leaves checkpoints, no export: stop_after == steps exports
+    output = next((tmp_path / "stages" / "mae_pretrain").iterdir())
+    checkpoint = list_checkpoints(output / "checkpoints")[-1]
+    state = torch.load(checkpoint, weights_only=False)
+    state["signature"]["decoder_depth"] = 7
+    save_checkpoint(output / "checkpoints", 99, state, keep=5)
+    (output / "manifest.json").unlink(missing_ok=True)
+    with pytest.raises(CheckpointMismatch, match="decoder_depth: checkpoint 7 vs config 1"):
+        _pretrain(shards, tmp_path, config)
+
+
+def test_bad_geometry_fails_before_training():
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        MAEConfig(image_size=30, patch_size=4)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        MAEConfig(mask_ratio=1.0)
+
+
+def _ddp_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=2, num_heads=2)
+    images, labels = torch.load(Path(out_dir) / "batch.pt")
+    wrapped = wrap_model(model, DistInfo(rank=rank, world_size=world))
+    half = len(images) // world
+    piece = slice(rank * half, (rank + 1) * half)
+    torch.nn.functional.cross_entropy(wrapped(images[piece]), labels[piece]).backward()
+    torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, Path(out_dir) / f"grads-{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_gloo_ddp_gives_the_single_process_gradients(tmp_path):
+    generator = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(8, 1, 8, 8, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+    torch.save((images, labels), tmp_path / "batch.pt")
+    mp.start_processes(_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=2, num_heads=2)
+    torch.nn.functional.cross_entropy(model(images), labels).backward()
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"grads-{rank}.pt")
+        assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+        for name, param in model.named_parameters():
+            if param.grad is not None:
+                torch.testing.assert_close(grads[name], param.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_stage_under_torchrun_with_two_cpu_processes(shards, tmp_path):
+    result = _pretrain(shards, tmp_path, _mae_config(steps=4, nproc_per_node=2, num_workers=0))
+    assert (Path(result.output_dir) / "encoder.pt").is_file()
+    assert result.metrics["steps"] == 4 and result.manifest()["config"]["train"]["nproc_per_node"] == 2
+    summary = json.loads((Path(result.output_dir) / "train_summary.json").read_text())
+    assert len(summary["losses"]) == 4 and all(math.isfinite(x) for x in summary["losses"])
