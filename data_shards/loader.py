@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import multiprocessing
 import random
 import tarfile
 from dataclasses import dataclass, field, replace
@@ -201,6 +202,18 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Start loader workers from a fork server rather than by forking this process.
+
+    Forking a process that runs Prefect (its API client threads and fork hooks) kills the
+    workers with exit code 1; the fork server is a clean single-threaded process that has
+    imported this module once, so each worker still starts in milliseconds.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["data_shards.loader"])
+    return context
+
+
 def epoch_loader(spec: LoaderSpec, epoch: int) -> DataLoader:
     """A DataLoader over one epoch of this rank's share."""
     # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG, so where an
@@ -209,6 +222,7 @@ def epoch_loader(spec: LoaderSpec, epoch: int) -> DataLoader:
     return DataLoader(
         ShardStream(replace(spec, epoch=epoch)), batch_size=spec.batch_size, num_workers=spec.num_workers,
         collate_fn=collate, drop_last=spec.drop_last, persistent_workers=False, generator=generator,
+        multiprocessing_context=worker_context() if spec.num_workers > 0 else None,
     )
 
 

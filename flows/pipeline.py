@@ -17,7 +17,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
-from tasks import mae_pretrain, shard
+from tasks import evaluate, mae_pretrain, shard
 from tasks.config import PipelineConfig, load_config
 from tasks.stage import StageContext, StageResult, stage_key
 from tasks.tracking import configure_tracking, flatten
@@ -65,6 +65,7 @@ def stage_task(name: str, run: StageFn) -> Any:
 
 shard_task = stage_task("shard", shard.run)
 mae_task = stage_task("mae_pretrain", mae_pretrain.run)
+evaluate_task = stage_task("evaluate", evaluate.run)
 
 
 @flow(name="patchflow", log_prints=True)
@@ -84,6 +85,8 @@ def pipeline(
         results["shard"] = run_stage(shard_task, config.shard, [], context)
         if "mae_pretrain" in config.stages:
             results["mae_pretrain"] = run_stage(mae_task, config.mae, [results["shard"]], context)
+        if "evaluate" in config.stages and "mae_pretrain" in results:
+            results["evaluate"] = run_stage(evaluate_task, config.evaluate, [results["shard"], results["mae_pretrain"]], context)
         for name, result in results.items():
             mlflow.set_tag(f"stage.{name}", "reused" if result.reused else "ran")
             mlflow.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})

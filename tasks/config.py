@@ -122,14 +122,80 @@ class MAEConfig(StrictModel):
         return self
 
 
+class EvalConfig(StrictModel):
+    """Linear probe, kNN and fine-tuning of a pretrained encoder, with baselines on the same split."""
+
+    pool: Literal["token", "avg"] = "avg"
+    knn_k: int = Field(default=20, gt=0)
+    knn_temperature: float = Field(default=0.07, gt=0)
+    probe: Literal["logistic", "bn_linear"] = "logistic"
+    probe_epochs: int = Field(default=100, gt=0)
+    max_train_features: int | None = Field(default=None, gt=0, description="Cap on train images used for probe/kNN.")
+    finetune: bool = True
+    layer_decay: float = Field(default=0.75, gt=0, le=1)
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+    drop_path: float = Field(default=0.1, ge=0, lt=1)
+    finetune_train: TrainConfig = TrainConfig(steps=200, batch_size=64, optim=OptimConfig(base_lr=1e-3, weight_decay=0.05, warmup_steps=20))
+
+
+class VAEConfig(StrictModel):
+    """The frozen VAE for latent diffusion: pretrained TAEF2 weights, or a small one trained here."""
+
+    pretrained_dir: str | None = Field(
+        default=None, description="Folder with taef2_encoder.pth and taef2_decoder.pth; None trains a small VAE.")
+    latent_channels: int = Field(default=8, gt=0, description="Latent width of the VAE trained when none is given.")
+    width: int = Field(default=32, gt=0)
+    image_size: int = Field(default=32, gt=0)
+    train: TrainConfig = TrainConfig(steps=300, batch_size=64, optim=OptimConfig(base_lr=5e-4, weight_decay=0.0, warmup_steps=20))
+
+    @model_validator(mode="after")
+    def _downsamples_cleanly(self) -> "VAEConfig":
+        if self.image_size % 8:
+            raise ValueError(f"image_size {self.image_size} is not divisible by the VAE's downsampling factor 8")
+        return self
+
+
+class LatentConfig(StrictModel):
+    """Pre-extraction of VAE latents into shards (once; DiT training never re-encodes)."""
+
+    hflip_copy: bool = True
+    samples_per_shard: int = Field(default=5000, gt=0)
+    batch_size: int = Field(default=64, gt=0)
+    splits: list[Literal["train", "val", "test"]] = ["train", "val"]
+
+
+class DiTConfig(StrictModel):
+    """Class-conditional diffusion transformer on the latents, sampling with classifier-free guidance."""
+
+    model: str = "DiT-N/2"
+    learn_sigma: bool = False
+    class_dropout_prob: float = Field(default=0.1, ge=0, lt=1)
+    num_timesteps: int = Field(default=1000, gt=1)
+    schedule: Literal["linear", "cosine"] = "linear"
+    cfg_scale: float = Field(default=4.0, ge=1.0, description="Classifier-free guidance scale (1 = no guidance).")
+    sample_steps: int = Field(default=50, gt=0, description="DDIM steps for samples and the quality score.")
+    samples_per_class: int = Field(default=20, gt=0)
+    classifier_steps: int = Field(default=300, gt=0, description="Steps of the scoring classifier when none exists.")
+    train: TrainConfig = TrainConfig(steps=500, batch_size=64, ema_decay=0.9999,
+                                     optim=OptimConfig(base_lr=1e-4, weight_decay=0.0, warmup_steps=0))
+
+
+STAGES = ("shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train")
+StageName = Literal["shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train"]
+
+
 class PipelineConfig(StrictModel):
     """The whole pipeline: one section per stage, plus where outputs go."""
 
     preset: str = "custom"
     data_root: str = DEFAULT_DATA_ROOT
-    stages: list[Literal["shard", "mae_pretrain"]] = ["shard", "mae_pretrain"]
+    stages: list[StageName] = list(STAGES)
     shard: ShardConfig = ShardConfig()
     mae: MAEConfig = MAEConfig()
+    evaluate: EvalConfig = EvalConfig()
+    vae: VAEConfig = VAEConfig()
+    latents: LatentConfig = LatentConfig()
+    dit: DiTConfig = DiTConfig()
 
 
 def available_presets() -> list[str]:

@@ -140,6 +140,8 @@ def train(job: TrainJob) -> TrainSummary:
     global_batch = cfg.batch_size * dist.world_size * cfg.optim.accum_steps
     peak_lr = peak_learning_rate(cfg.optim, global_batch)
     groups = (job.param_groups or default_param_groups)(core, cfg.optim.weight_decay)
+    for group in groups:  # layer-wise lr decay and the like scale the peak lr per group
+        group["lr"] = peak_lr * group.pop("lr_scale", 1.0)
     optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=cfg.optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, cfg.steps, cfg.optim, peak_lr))
@@ -205,7 +207,9 @@ def train(job: TrainJob) -> TrainSummary:
             rate = window_images / max(now - window_start, 1e-9)
             images += window_images
             window_start, window_images = now, 0
-            job.log_metrics({"loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "images_per_s": rate, **metrics}, step)
+            lr = max(group["lr"] for group in optimizer.param_groups)
+            job.log_metrics({"loss": step_loss, "lr": lr, "images_per_s": rate, **metrics}, step)
+            log.info("step %d/%d  loss %.4f  lr %.2e  %.0f images/s", step, cfg.steps, step_loss, lr, rate)
         if job.on_eval and dist.is_main and (step % cfg.eval_every == 0 or step == cfg.steps):
             job.on_eval(ema if ema is not None else core, step)
             model.train()

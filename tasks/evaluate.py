@@ -1,0 +1,180 @@
+"""The evaluation stage: does pretraining help? Frozen-feature linear probe and kNN, end-to-end
+fine-tuning, and on the same splits the baselines that make those numbers mean something:
+logistic regression on raw pixels, the same probe/kNN on a randomly initialised encoder of the same
+size, and the same ViT trained from scratch with the fine-tuning budget."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterable
+
+import mlflow
+import numpy as np
+import torch
+
+from data_shards.atomic import sha256_file, write_bytes_atomic
+from data_shards.loader import LoaderSpec, evaluation_batches, split_shards
+from models.vit import VisionTransformer, vit_from_name
+from tasks.config import EvalConfig
+from tasks.features import extract_features, save_features
+from tasks.finetune import confusion_image, confusion_matrix, predict, train_classifier
+from tasks.probes import bn_linear_probe, check_labels, knn_accuracy, logistic_regression_probe
+from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
+from tasks.tracking import stage_run
+
+STAGE = "evaluate"
+SPLITS = ("train", "val", "test")
+log = logging.getLogger("patchflow.evaluate")
+
+
+def _require_labelled_splits(shard_manifest: dict[str, Any], manifest_path: str) -> list[str]:
+    splits = shard_manifest["outputs"]["splits"]
+    missing = [s for s in SPLITS if s not in splits]
+    if missing:
+        raise ValueError(f"{manifest_path}: evaluation needs train/val/test splits; missing {missing}")
+    for name in SPLITS:
+        if not splits[name]["has_labels"]:
+            raise ValueError(f"{manifest_path}: split {name!r} has no labels (.cls) to evaluate against")
+        if name == "train" and len(splits[name]["class_histogram"]) < 2:
+            raise ValueError(f"{manifest_path}: split 'train' has only one class; a classifier needs two or more")
+    return shard_manifest["outputs"]["classes"] or sorted(splits["train"]["class_histogram"])
+
+
+def build_encoder(architecture: dict[str, Any], num_classes: int = 0, drop_path: float = 0.0) -> VisionTransformer:
+    return vit_from_name(architecture["encoder_size"], img_size=architecture["image_size"],
+                         patch_size=architecture["patch_size"], in_chans=architecture["in_chans"],
+                         num_classes=num_classes, drop_path_rate=drop_path)
+
+
+def load_encoder_weights(model: VisionTransformer, path: Path) -> None:
+    """Load an exported encoder; a head may stay untrained, any other difference is an error."""
+    state = torch.load(path, map_location="cpu")
+    own = model.state_dict()
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state and not k.startswith("head.")]
+    unexpected = [k for k in state if k not in own]
+    if wrong or missing or unexpected:
+        raise ValueError(f"{path} does not match the encoder config: shapes {wrong[:5]}, missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
+
+
+def _spec(manifest_path: str, split: str, architecture: dict, normalization: dict, **overrides) -> LoaderSpec:
+    return LoaderSpec(shard_paths=split_shards(manifest_path, split), batch_size=256, shuffle=False,
+                      image_size=architecture["image_size"], channels=architecture["in_chans"],
+                      mean=tuple(normalization["mean"]), std=tuple(normalization["std"]), **overrides)
+
+
+def _batches(spec: LoaderSpec, limit: int | None) -> Iterable[dict[str, Any]]:
+    batches = evaluation_batches(spec)
+    return batches if limit is None else islice(batches, -(-limit // spec.batch_size))
+
+
+def _probe(config: EvalConfig, x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> dict[str, float]:
+    args = (x["train"], y["train"], x["val"], y["val"], x["test"], y["test"])
+    if config.probe == "logistic":
+        return logistic_regression_probe(*args)
+    return bn_linear_probe(*args, epochs=config.probe_epochs)
+
+
+def frozen_feature_scores(config: EvalConfig, encoder: VisionTransformer, specs: dict[str, LoaderSpec],
+                          features_dir: Path, name: str) -> dict[str, float]:
+    """Linear probe and kNN on one encoder's frozen features (cached as arrays for reuse)."""
+    feats = {}
+    for split, spec in specs.items():
+        feats[split] = extract_features(encoder, _batches(spec, config.max_train_features if split == "train" else None))
+        save_features(features_dir / f"{name}-{split}.npz", feats[split])
+    x = {s: f[config.pool] for s, f in feats.items()}
+    y = {s: f["labels"] for s, f in feats.items()}
+    probe = _probe(config, x, y)
+    knn = knn_accuracy(x["train"], y["train"], x["test"], y["test"], k=config.knn_k, temperature=config.knn_temperature)
+    return {f"{name}_linear_{k}": float(v) for k, v in probe.items() if k in ("top1", "top5")} | \
+           {f"{name}_knn_{k}": float(v) for k, v in knn.items()}
+
+
+def raw_pixel_scores(config: EvalConfig, specs: dict[str, LoaderSpec]) -> dict[str, float]:
+    """The baseline every pretrained encoder must beat: logistic regression on the pixels."""
+    x, y = {}, {}
+    for split, spec in specs.items():
+        batches = list(_batches(spec, config.max_train_features if split == "train" else None))
+        x[split] = torch.cat([b["image"].flatten(1) for b in batches]).numpy()
+        y[split] = torch.cat([b["label"] for b in batches]).numpy()
+        check_labels(y[split], split, min_classes=2 if split == "train" else 1)
+    result = logistic_regression_probe(x["train"], y["train"], x["val"], y["val"], x["test"], y["test"])
+    return {f"pixels_linear_{k}": float(v) for k, v in result.items() if k in ("top1", "top5")}
+
+
+def finetune_scores(config: EvalConfig, architecture: dict, encoder_path: Path | None, num_classes: int,
+                    specs: dict[str, LoaderSpec], output_dir: Path, name: str, classes: list[str]) -> dict[str, float]:
+    """Fine-tune the pretrained encoder (or train the same ViT from scratch when no weights)."""
+    torch.manual_seed(config.finetune_train.seed)
+    model = build_encoder(architecture, num_classes=num_classes, drop_path=config.drop_path)
+    if encoder_path is not None:
+        load_encoder_weights(model, encoder_path)
+    train_spec = LoaderSpec(**{**specs["train"].__dict__, "shuffle": True, "augment": "crop_flip",
+                               "batch_size": config.finetune_train.batch_size, "shuffle_buffer": config.finetune_train.shuffle_buffer,
+                               "num_workers": config.finetune_train.num_workers, "seed": config.finetune_train.seed})
+    signature = {**architecture, "num_classes": num_classes, "init": name}
+    prefix = f"{name}/"
+    summary = train_classifier(model, train_spec, config.finetune_train, output_dir / name / "checkpoints", signature,
+                               config.layer_decay, config.label_smoothing,
+                               log_metrics=lambda m, step: mlflow.log_metrics({prefix + k: v for k, v in m.items()}, step=step))
+    predicted, true = predict(model, specs["test"])
+    scores = {f"{name}_top1": float((predicted == true).mean()), f"{name}_train_wall_s": summary.wall_s}
+    if name == "finetune":
+        matrix = confusion_matrix(predicted, true, num_classes)
+        mlflow.log_image(confusion_image(matrix), artifact_file="confusion_matrix.png")
+        per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
+        mlflow.log_dict({c: float(a) for c, a in zip(classes, per_class)}, "per_class_accuracy.json")
+        mlflow.log_metrics({f"class_accuracy/{i}": float(a) for i, a in enumerate(per_class)})
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        write_bytes_atomic(output_dir / "classifier.pt", buffer.getvalue())
+    return scores
+
+
+def run(config: EvalConfig, inputs: list[StageResult], context: StageContext) -> StageResult:
+    """Evaluate the upstream pretrained encoder against its baselines; reuse a finished run."""
+    shards = next(r for r in inputs if r.stage == "shard")
+    pretrained = next(r for r in inputs if r.stage == "mae_pretrain")
+    output_dir = stage_output_dir(context.data_root, STAGE, config, inputs)
+    done = finished_result(output_dir)
+    if done is not None:
+        return done
+    classes = _require_labelled_splits(shards.manifest(), shards.manifest_path)
+    pretrained_outputs = pretrained.manifest()["outputs"]
+    architecture, normalization = pretrained_outputs["architecture"], pretrained_outputs["normalization"]
+    encoder_path = Path(pretrained.output_dir) / pretrained_outputs["encoder"]["path"]
+    encoder = build_encoder(architecture)
+    load_encoder_weights(encoder, encoder_path)  # a mismatched checkpoint fails here, before any work
+    torch.manual_seed(0)
+    random_encoder = build_encoder(architecture)
+    specs = {split: _spec(shards.manifest_path, split, architecture, normalization) for split in SPLITS}
+    features_dir = output_dir / "features"
+    features_dir.mkdir(parents=True, exist_ok=True)
+
+    with stage_run(STAGE, context.data_root, context.parent_run_id, params=config.model_dump(mode="json"),
+                   system_metrics=True) as tracked:
+        metrics = frozen_feature_scores(config, encoder, specs, features_dir, "mae")
+        metrics |= frozen_feature_scores(config, random_encoder, specs, features_dir, "random_init")
+        metrics |= raw_pixel_scores(config, specs)
+        if config.finetune:
+            metrics |= finetune_scores(config, architecture, encoder_path, len(classes), specs, output_dir, "finetune", classes)
+            metrics |= finetune_scores(config, architecture, None, len(classes), specs, output_dir, "scratch", classes)
+            metrics["finetune_margin_over_scratch"] = metrics["finetune_top1"] - metrics["scratch_top1"]
+        metrics["linear_margin_over_pixels"] = metrics["mae_linear_top1"] - metrics["pixels_linear_top1"]
+        metrics["linear_margin_over_random_init"] = metrics["mae_linear_top1"] - metrics["random_init_linear_top1"]
+        metrics["knn_margin_over_random_init"] = metrics["mae_knn_top1"] - metrics["random_init_knn_top1"]
+        mlflow.log_metrics(metrics)
+        outputs: dict[str, Any] = {"features": sorted(p.name for p in features_dir.glob("*.npz")),
+                                   "classes": classes, "architecture": architecture, "normalization": normalization}
+        if (output_dir / "classifier.pt").is_file():
+            outputs["classifier"] = {"path": "classifier.pt", "sha256": sha256_file(output_dir / "classifier.pt"),
+                                     "num_classes": len(classes)}
+        log.info("evaluate: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+        return write_manifest(output_dir, STAGE, config, inputs, outputs, metrics, tracked.info.run_id)

@@ -1,0 +1,105 @@
+"""The evaluation stage on real (small) data: every number and baseline is written; bad input fails."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from data_shards.loader import LoaderSpec, split_shards
+from tasks import evaluate, mae_pretrain
+from tasks.config import EvalConfig, MAEConfig, SourceConfig, TrainConfig
+from tasks.finetune import layer_decay_groups, train_classifier
+from tasks.stage import StageContext
+from tests._shared_data import require_shared
+from tests.helpers import make_shards
+
+pytestmark = pytest.mark.slow
+
+
+def _mae(shards, root):
+    config = MAEConfig(encoder_size="nano", decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
+                       train=TrainConfig(batch_size=32, steps=10, checkpoint_every=10, num_workers=0, shuffle_buffer=64))
+    return mae_pretrain.run(config, [shards], StageContext(data_root=root))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    shards = make_shards(root, samples_per_shard=100)
+    return root, shards, _mae(shards, root)
+
+
+def _eval_config(**overrides) -> EvalConfig:
+    train = TrainConfig(batch_size=32, steps=4, checkpoint_every=2, log_every=2, num_workers=0, shuffle_buffer=64)
+    return EvalConfig(finetune_train=train, probe_epochs=5, **overrides)
+
+
+def test_evaluate_stage_writes_every_metric_with_baselines(pretrained):
+    root, shards, mae = pretrained
+    result = evaluate.run(_eval_config(), [shards, mae], StageContext(data_root=root))
+    expected = {f"{who}_{kind}_top{k}" for who in ("mae", "random_init") for kind in ("linear", "knn") for k in (1, 5)}
+    expected |= {"pixels_linear_top1", "pixels_linear_top5", "finetune_top1", "scratch_top1",
+                 "finetune_margin_over_scratch", "linear_margin_over_pixels", "linear_margin_over_random_init",
+                 "knn_margin_over_random_init"}
+    assert expected <= set(result.metrics)
+    assert all(math.isfinite(v) for v in result.metrics.values())
+    assert all(0.0 <= result.metrics[k] <= 1.0 for k in expected if "margin" not in k)
+    # Raw pixels on 200 Fashion-MNIST images are far above chance: the baseline is real, not a constant.
+    assert result.metrics["pixels_linear_top1"] > 0.5
+    outputs = result.manifest()["outputs"]
+    assert outputs["classifier"]["num_classes"] == 10 and (Path(result.output_dir) / "classifier.pt").is_file()
+    assert "mae-train.npz" in outputs["features"]
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
+    assert {"confusion_matrix.png", "per_class_accuracy.json"} <= artifacts
+    assert client.get_run(result.mlflow_run_id).data.metrics["mae_linear_top1"] == result.metrics["mae_linear_top1"]
+
+
+def test_fine_tuning_resumes_to_the_same_losses(pretrained, tmp_path):
+    _, shards, mae = pretrained
+    arch = mae.manifest()["outputs"]["architecture"]
+    spec = LoaderSpec(shard_paths=split_shards(shards.manifest_path, "train"), batch_size=16, shuffle_buffer=32)
+    train = TrainConfig(batch_size=16, steps=5, checkpoint_every=2, log_every=1)
+
+    def model():
+        torch.manual_seed(0)
+        return evaluate.build_encoder(arch, num_classes=10, drop_path=0.1)
+
+    straight = train_classifier(model(), spec, train, tmp_path / "a", arch, 0.75, 0.1)
+    train_classifier(model(), spec, train, tmp_path / "b", arch, 0.75, 0.1, stop_after=3)
+    resumed = train_classifier(model(), spec, train, tmp_path / "b", arch, 0.75, 0.1)
+    assert resumed.resumed_from == 2 and resumed.losses == straight.losses
+
+
+def test_layer_decay_scales_lower_layers_down():
+    model = evaluate.build_encoder({"encoder_size": "nano", "image_size": 28, "patch_size": 4, "in_chans": 1}, num_classes=10)
+    scales = {}
+    for group in layer_decay_groups(model, 0.05, 0.5):
+        for param in group["params"]:
+            scales[next(n for n, p in model.named_parameters() if p is param)] = group["lr_scale"]
+    assert scales["head.weight"] == 1.0 and scales["blocks.3.attn.qkv.weight"] == 0.5
+    assert scales["blocks.0.attn.qkv.weight"] == 0.5 ** 4 and scales["patch_embed.proj.weight"] == 0.5 ** 5
+
+
+def test_encoder_checkpoint_of_another_size_is_refused(pretrained, tmp_path):
+    _, _, mae = pretrained
+    bigger = evaluate.build_encoder({"encoder_size": "micro", "image_size": 28, "patch_size": 4, "in_chans": 1})
+    with pytest.raises(ValueError, match=r"encoder\.pt does not match the encoder config"):
+        evaluate.load_encoder_weights(bigger, Path(mae.output_dir) / "encoder.pt")
+
+
+def test_split_without_labels_is_refused_before_work(tmp_path):
+    table = require_shared("emoji-captions/twemoji")
+    shards = make_shards(tmp_path, SourceConfig(kind="caption_table", path=str(table), max_train=40, max_val=10))
+    with pytest.raises(ValueError, match="missing \\['test'\\]|has no labels"):
+        evaluate.run(_eval_config(), [shards, shards.model_copy(update={"stage": "mae_pretrain"})],
+                     StageContext(data_root=tmp_path))
+
+
+def test_one_class_train_split_is_refused(tmp_path):
+    manifest = {"outputs": {"classes": ["a"], "splits": {
+        s: {"has_labels": True, "class_histogram": {"0": 5}} for s in ("train", "val", "test")}}}
+    with pytest.raises(ValueError, match="split 'train' has only one class"):
+        evaluate._require_labelled_splits(manifest, "m.json")
