@@ -17,7 +17,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
-from tasks import evaluate, mae_pretrain, shard
+from tasks import dit_stage, evaluate, latents, mae_pretrain, shard, vae_train
 from tasks.config import PipelineConfig, load_config
 from tasks.stage import StageContext, StageResult, stage_key
 from tasks.tracking import configure_tracking, flatten
@@ -66,6 +66,9 @@ def stage_task(name: str, run: StageFn) -> Any:
 shard_task = stage_task("shard", shard.run)
 mae_task = stage_task("mae_pretrain", mae_pretrain.run)
 evaluate_task = stage_task("evaluate", evaluate.run)
+vae_task = stage_task("vae", vae_train.run)
+latents_task = stage_task("encode_latents", latents.run)
+dit_task = stage_task("dit_train", dit_stage.run)
 
 
 @flow(name="patchflow", log_prints=True)
@@ -87,6 +90,15 @@ def pipeline(
             results["mae_pretrain"] = run_stage(mae_task, config.mae, [results["shard"]], context)
         if "evaluate" in config.stages and "mae_pretrain" in results:
             results["evaluate"] = run_stage(evaluate_task, config.evaluate, [results["shard"], results["mae_pretrain"]], context)
+        # The latent-diffusion branch needs only the shards; it scores samples with the evaluation
+        # stage's fine-tuned classifier when that stage ran, else trains a small one itself.
+        if "vae" in config.stages:
+            results["vae"] = run_stage(vae_task, config.vae, [results["shard"]], context)
+        if "encode_latents" in config.stages and "vae" in results:
+            results["encode_latents"] = run_stage(latents_task, config.latents, [results["shard"], results["vae"]], context)
+        if "dit_train" in config.stages and "encode_latents" in results:
+            upstream = [results[name] for name in ("shard", "vae", "encode_latents", "evaluate") if name in results]
+            results["dit_train"] = run_stage(dit_task, config.dit, upstream, context)
         for name, result in results.items():
             mlflow.set_tag(f"stage.{name}", "reused" if result.reused else "ran")
             mlflow.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})

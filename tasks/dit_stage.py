@@ -1,0 +1,175 @@
+"""The ``dit_train`` stage: a class-conditional DiT trained on pre-extracted VAE latents with the
+shared engine (EMA weights), class-conditional samples with classifier-free guidance decoded through
+the frozen VAE, and a quality score computed from those samples."""
+
+from __future__ import annotations
+
+import io
+import logging
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+
+from data_shards.atomic import sha256_file, write_bytes_atomic
+from data_shards.loader import LoaderSpec, evaluation_batches, split_shards
+from models.diffusion import GaussianDiffusion
+from models.dit import DiT, dit_from_name
+from models.vae import parameter_fingerprint
+from tasks.config import DiTConfig, OptimConfig, TrainConfig
+from tasks.engine import TrainJob, seed_everything, train
+from tasks.evaluate import build_encoder
+from tasks.finetune import train_classifier
+from tasks.latents import latent_batches, load_latents
+from tasks.quality import ImageClassifier, quality_scores
+from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
+from tasks.tracking import log_image, stage_run
+from tasks.vae_train import image_spec, load_vae
+
+STAGE = "dit_train"
+log = logging.getLogger("patchflow.dit")
+
+
+def build_dit(config: DiTConfig, latent_shape: list[int], num_classes: int) -> DiT:
+    """The DiT for these latents; a patch that does not tile the latent grid fails here."""
+    channels, size, _ = latent_shape
+    patch = int(config.model.rpartition("/")[2]) if config.model.rpartition("/")[2].isdigit() else 0
+    if patch < 1 or size % patch:
+        raise ValueError(f"dit.model {config.model!r}: latent size {size} (image {size * 8} px / 8) is not divisible "
+                         f"by patch size {patch}; use a smaller patch or a larger vae.image_size")
+    return dit_from_name(config.model, input_size=size, in_channels=channels, num_classes=num_classes,
+                         learn_sigma=config.learn_sigma, class_dropout_prob=config.class_dropout_prob)
+
+
+class LatentCodec:
+    """Maps between VAE latents and the unit-scale latents diffusion works on (shift/scale per channel)."""
+
+    def __init__(self, stats: dict[str, list[float]]):
+        self.mean = torch.tensor(stats["mean"]).view(1, -1, 1, 1)
+        self.std = torch.tensor(stats["std"]).view(1, -1, 1, 1)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.mean) / self.std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.std + self.mean
+
+
+@torch.no_grad()
+def sample_images(model: DiT, diffusion: GaussianDiffusion, vae: torch.nn.Module, codec: LatentCodec,
+                  labels: torch.Tensor, config: DiTConfig, seed: int, chunk: int = 256) -> torch.Tensor:
+    """Class-conditional samples (DDIM, classifier-free guidance) decoded to RGB in [0, 1]."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    shape = (model.in_channels, model.input_size, model.input_size)
+    images = []
+    for start in range(0, len(labels), chunk):
+        y = labels[start:start + chunk]
+        z = diffusion.ddim_sample(model, (len(y), *shape), y, cfg_scale=config.cfg_scale, steps=config.sample_steps,
+                                  generator=generator, device="cpu")
+        images.append(vae.decode(codec.denormalize(z)))
+    return torch.cat(images)
+
+
+def image_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
+    """(N, C, H, W) → one (C, rows·H, columns·W) picture, row-major."""
+    n, c, h, w = images.shape
+    rows = -(-n // columns)
+    padded = torch.ones(rows * columns, c, h, w)
+    padded[:n] = images
+    return padded.view(rows, columns, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, columns * w)
+
+
+def scoring_classifier(inputs: list[StageResult], shards: StageResult, image_size: int, config: DiTConfig,
+                       num_classes: int, output_dir: Path) -> tuple[ImageClassifier, str]:
+    """The evaluation stage's fine-tuned classifier when there is one, else a small ViT trained here."""
+    evaluation = next((r for r in inputs if r.stage == "evaluate"), None)
+    if evaluation is not None and "classifier" in evaluation.manifest()["outputs"]:
+        outputs = evaluation.manifest()["outputs"]
+        model = build_encoder(outputs["architecture"], num_classes=outputs["classifier"]["num_classes"])
+        model.load_state_dict(torch.load(Path(evaluation.output_dir) / outputs["classifier"]["path"], map_location="cpu"))
+        arch, norm = outputs["architecture"], outputs["normalization"]
+        return ImageClassifier(model, arch["image_size"], arch["in_chans"], tuple(norm["mean"]), tuple(norm["std"])), "evaluate"
+    architecture = {"encoder_size": "nano", "image_size": image_size, "patch_size": 4, "in_chans": 3}
+    seed_everything(0)
+    model = build_encoder(architecture, num_classes=num_classes)
+    spec = image_spec(shards.manifest_path, "train", image_size, 64, augment="flip", mean=(0.5,) * 3, std=(0.5,) * 3)
+    train_config = TrainConfig(steps=config.classifier_steps, batch_size=64, checkpoint_every=config.classifier_steps,
+                               log_every=max(1, config.classifier_steps // 5), num_workers=0,
+                               optim=OptimConfig(base_lr=4e-3, weight_decay=0.05, warmup_steps=config.classifier_steps // 10))
+    train_classifier(model, spec, train_config, output_dir / "classifier" / "checkpoints", architecture,
+                     layer_decay=1.0, label_smoothing=0.0)
+    return ImageClassifier(model, image_size, 3, (0.5,) * 3, (0.5,) * 3), "trained_here"
+
+
+def real_images(shards: StageResult, image_size: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    spec = image_spec(shards.manifest_path, "val", image_size, 256)
+    batches = list(islice(evaluation_batches(spec), -(-limit // 256)))
+    return torch.cat([b["image"] for b in batches])[:limit], torch.cat([b["label"] for b in batches])[:limit]
+
+
+def run(config: DiTConfig, inputs: list[StageResult], context: StageContext) -> StageResult:
+    shards, vae_result, latents_result = (next(r for r in inputs if r.stage == s) for s in ("shard", "vae", "encode_latents"))
+    output_dir = stage_output_dir(context.data_root, STAGE, config, inputs)
+    done = finished_result(output_dir)
+    if done is not None:
+        return done
+    if config.train.nproc_per_node * config.train.nnodes > 1:
+        raise ValueError("dit.train.nproc_per_node/nnodes: dit_train trains in one process (set them to 1)")
+    latent_outputs = latents_result.manifest()["outputs"]
+    classes = latent_outputs["classes"]
+    if not classes:
+        raise ValueError(f"{latents_result.manifest_path}: class-conditional DiT needs labelled shards")
+    seed_everything(config.train.seed)
+    model = build_dit(config, latent_outputs["latent_shape"], len(classes))  # geometry errors before any work
+    vae = load_vae(vae_result)
+    fingerprint = parameter_fingerprint(vae)
+    image_size = vae_result.manifest()["outputs"]["image_size"]
+    codec = LatentCodec(vae_result.manifest()["outputs"]["latent_stats"])
+    latents, labels = load_latents(latents_result.manifest_path, "train")
+    latents = codec.normalize(latents)
+    diffusion = GaussianDiffusion(config.num_timesteps, config.schedule)
+    grid_labels = torch.arange(len(classes)).repeat(2)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_eval(ema_model: DiT, step: int) -> None:
+        samples = sample_images(ema_model, diffusion, vae, codec, grid_labels, config, seed=0)
+        log_image(image_grid(samples, len(classes)), f"samples/step-{step:06d}.png")
+
+    with stage_run(STAGE, context.data_root, context.parent_run_id, params=config.model_dump(mode="json"),
+                   system_metrics=True) as tracked:
+        summary = train(TrainJob(
+            model=model, loss_fn=lambda m, batch: diffusion.training_loss(m, batch["image"], y=batch["label"]),
+            batches=lambda epoch, skip: latent_batches(latents, labels, config.train.batch_size, config.train.seed,
+                                                       start_epoch=epoch, skip=skip),
+            config=config.train, checkpoint_dir=output_dir / "checkpoints", on_eval=on_eval,
+            signature={"model": config.model, "latent_shape": latent_outputs["latent_shape"], "classes": len(classes),
+                       "learn_sigma": config.learn_sigma},
+            log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step)))
+        ema = summary.ema if summary.ema is not None else model
+        buffer = io.BytesIO()
+        torch.save(ema.state_dict(), buffer)
+        write_bytes_atomic(output_dir / "dit.pt", buffer.getvalue())
+
+        classifier, source = scoring_classifier(inputs, shards, image_size, config, len(classes), output_dir)
+        sample_labels = torch.arange(len(classes)).repeat_interleave(config.samples_per_class)
+        generated = sample_images(ema, diffusion, vae, codec, sample_labels, config, seed=1)
+        real, real_labels = real_images(shards, image_size, limit=max(len(sample_labels), 200))
+        scores = quality_scores(classifier, generated, sample_labels, real, real_labels)
+        log_image(image_grid(generated[sample_labels.argsort(stable=True)][: 8 * len(classes)], 8), "samples_final.png")
+        if parameter_fingerprint(vae) != fingerprint:
+            raise RuntimeError(f"the frozen VAE from {vae_result.output_dir} changed during DiT training")
+        window = max(1, min(20, len(summary.losses) // 4))
+        metrics = {"first_loss": sum(summary.losses[:window]) / window, "final_loss": sum(summary.losses[-window:]) / window,
+                   "latents_per_s": summary.images_per_s, "train_wall_s": summary.wall_s, **scores}
+        mlflow.log_metrics(metrics)
+        mlflow.set_tag("quality.classifier", source)
+        outputs: dict[str, Any] = {"dit": {"path": "dit.pt", "sha256": sha256_file(output_dir / "dit.pt")},
+                                   "architecture": {"model": config.model, "latent_shape": latent_outputs["latent_shape"],
+                                                    "num_classes": len(classes), "learn_sigma": config.learn_sigma},
+                                   "latent_stats": vae_result.manifest()["outputs"]["latent_stats"],
+                                   "quality_classifier": source}
+        log.info("dit_train: %s", {k: round(v, 4) for k, v in metrics.items()})
+        return write_manifest(output_dir, STAGE, config, inputs, outputs, metrics, tracked.info.run_id)

@@ -1,0 +1,129 @@
+"""The ``vae`` stage: the frozen autoencoder whose latent space the DiT learns.
+
+With ``vae.pretrained_dir`` it loads the TAEF2 tiny autoencoder strictly; without, it trains a small
+one of the same architecture on the shards with the shared engine, so the pipeline runs end to end
+with no external weights. Either way it measures reconstruction PSNR on val and estimates the
+per-channel latent shift/scale the diffusion model normalises with.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+
+from data_shards.atomic import sha256_file, write_bytes_atomic
+from data_shards.loader import LoaderSpec, evaluation_batches, split_shards, training_batches
+from models.vae import TinyAutoencoder, autoencoder_loss, freeze, load_pretrained_tiny_autoencoder, parameter_fingerprint
+from tasks.config import VAEConfig
+from tasks.engine import TrainJob, seed_everything, train
+from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
+from tasks.tracking import log_image, stage_run
+
+STAGE = "vae"
+PRETRAINED_FILES = ("taef2_encoder.pth", "taef2_decoder.pth")
+log = logging.getLogger("patchflow.vae")
+
+
+def rgb01_spec(shard_paths: tuple[str, ...], image_size: int, batch_size: int = 64, **overrides: Any) -> LoaderSpec:
+    """Images as the VAE sees them: RGB in [0, 1] at ``image_size`` (grey images are repeated);
+    ``overrides`` may change the normalisation for other consumers of the same images."""
+    settings = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), **overrides}
+    return LoaderSpec(shard_paths=shard_paths, batch_size=batch_size, channels=3, image_size=image_size, **settings)
+
+
+def image_spec(shards_manifest: str, split: str, image_size: int, batch_size: int = 64, **overrides: Any) -> LoaderSpec:
+    return rgb01_spec(split_shards(shards_manifest, split), image_size, batch_size, **overrides)
+
+
+def load_pretrained(folder: str) -> TinyAutoencoder:
+    states = []
+    for name in PRETRAINED_FILES:
+        path = Path(folder).expanduser() / name
+        if not path.is_file():
+            raise ValueError(f"vae.pretrained_dir: {path} does not exist")
+        try:
+            states.append(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as exc:  # torch raises several types for a damaged file
+            raise ValueError(f"{path}: cannot read weights ({exc})") from None
+    return load_pretrained_tiny_autoencoder(*states)
+
+
+def vae_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    return autoencoder_loss(model, batch["image"])
+
+
+def train_small_vae(config: VAEConfig, shards_manifest: str, output_dir: Path) -> TinyAutoencoder:
+    seed_everything(config.train.seed)
+    model = TinyAutoencoder(latent_channels=config.latent_channels, width=config.width, midblock_gn=False)
+    spec = image_spec(shards_manifest, "train", config.image_size, config.train.batch_size, augment="flip",
+                      num_workers=config.train.num_workers, shuffle_buffer=config.train.shuffle_buffer, seed=config.train.seed)
+    train(TrainJob(model=model, loss_fn=vae_loss, batches=lambda e, s: training_batches(spec, e, s),
+                   config=config.train, checkpoint_dir=output_dir / "checkpoints",
+                   signature={"latent_channels": config.latent_channels, "width": config.width, "image_size": config.image_size},
+                   log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step)))
+    return freeze(model)
+
+
+@torch.no_grad()
+def latent_statistics(vae: TinyAutoencoder, spec: LoaderSpec, max_images: int = 512) -> dict[str, list[float]]:
+    """Per-channel mean and std of the latents, so diffusion sees roughly unit-variance inputs."""
+    latents = torch.cat([vae.encode(b["image"]) for b in islice(evaluation_batches(spec), -(-max_images // spec.batch_size))])
+    per_channel = latents.transpose(0, 1).flatten(1)  # (C, N·h·w)
+    return {"mean": per_channel.mean(1).tolist(), "std": per_channel.std(1).clamp_min(1e-6).tolist()}
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae: TinyAutoencoder, spec: LoaderSpec, max_images: int = 256) -> tuple[float, torch.Tensor]:
+    """Mean PSNR (dB) over val images, and a grid of originals above their reconstructions."""
+    scores, first = [], None
+    for batch in islice(evaluation_batches(spec), -(-max_images // spec.batch_size)):
+        images = batch["image"]
+        recon = vae.decode(vae.encode(images))
+        mse = ((recon - images) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+        scores.append(10 * torch.log10(1.0 / mse))
+        first = first if first is not None else torch.cat([images[:8], recon[:8]])
+    grid = torch.cat([torch.cat(list(first[:len(first) // 2]), dim=2), torch.cat(list(first[len(first) // 2:]), dim=2)], dim=1)
+    return float(torch.cat(scores).mean()), grid
+
+
+def load_vae(result: StageResult) -> TinyAutoencoder:
+    """The frozen VAE a finished ``vae`` stage saved."""
+    outputs = result.manifest()["outputs"]
+    model = TinyAutoencoder(**outputs["constructor"])
+    model.load_state_dict(torch.load(Path(result.output_dir) / outputs["vae"]["path"], map_location="cpu"), strict=True)
+    return freeze(model)
+
+
+def run(config: VAEConfig, inputs: list[StageResult], context: StageContext) -> StageResult:
+    shards = next(r for r in inputs if r.stage == "shard")
+    output_dir = stage_output_dir(context.data_root, STAGE, config, inputs)
+    done = finished_result(output_dir)
+    if done is not None:
+        return done
+    vae = load_pretrained(config.pretrained_dir) if config.pretrained_dir else None  # bad weights fail first
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with stage_run(STAGE, context.data_root, context.parent_run_id, params=config.model_dump(mode="json"),
+                   system_metrics=vae is None) as tracked:
+        if vae is None:
+            vae = train_small_vae(config, shards.manifest_path, output_dir)
+        psnr, grid = reconstruction_psnr(vae, image_spec(shards.manifest_path, "val", config.image_size))
+        stats = latent_statistics(vae, image_spec(shards.manifest_path, "train", config.image_size))
+        log_image(grid, "reconstruction.png")
+        buffer = io.BytesIO()
+        torch.save(vae.state_dict(), buffer)
+        write_bytes_atomic(output_dir / "vae.pt", buffer.getvalue())
+        constructor = {"latent_channels": vae.encoder[-1].out_channels, "width": vae.encoder[0].out_channels,
+                       "midblock_gn": any(".pool." in name for name, _ in vae.named_parameters())}
+        outputs = {"vae": {"path": "vae.pt", "sha256": sha256_file(output_dir / "vae.pt")}, "constructor": constructor,
+                   "pretrained": config.pretrained_dir is not None, "latent_stats": stats, "downsample_factor": 8,
+                   "image_size": config.image_size, "parameter_fingerprint": parameter_fingerprint(vae)}
+        metrics = {"val_psnr": psnr, "latent_channels": float(constructor["latent_channels"])}
+        mlflow.log_metrics(metrics)
+        log.info("vae: %s, val PSNR %.2f dB", "pretrained TAEF2" if outputs["pretrained"] else "trained here", psnr)
+        return write_manifest(output_dir, STAGE, config, inputs, outputs, metrics, tracked.info.run_id)
