@@ -1,6 +1,8 @@
 """The whole flow through Prefect and MLflow: stages run once, then come back Cached."""
 
 import asyncio
+import shutil
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -12,13 +14,17 @@ pytestmark = pytest.mark.slow
 
 
 def _task_states(flow_run_id) -> dict[str, str]:
+    """Stage name → state of its task run(s) in a flow run (several runs of a stage joined by '+')."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     async def read():
         async with get_client() as client:
             runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+            states: dict[str, list[str]] = {}
+            for run in sorted(runs, key=lambda r: r.expected_start_time):
+                states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
+            return {name: "+".join(found) for name, found in states.items()}
 
     return asyncio.run(read())
 
@@ -26,22 +32,33 @@ def _task_states(flow_run_id) -> dict[str, str]:
 def test_second_pipeline_run_is_cached_and_mlflow_has_nested_runs(prefect_harness, tmp_path):
     from flows.pipeline import pipeline
 
-    overrides = [f"shard.source.path={require_shared('fashion-mnist')}", "stages=[shard]"]
+    overrides = [f"shard.source.path={require_shared('fashion-mnist')}"]  # every stage, smoke budgets
     first = pipeline(preset="smoke", overrides=overrides, data_root=str(tmp_path), return_state=True)
     second = pipeline(preset="smoke", overrides=overrides, data_root=str(tmp_path), return_state=True)
     assert first.is_completed() and second.is_completed()
-    assert _task_states(first.state_details.flow_run_id) == {"shard": "Completed"}
-    assert _task_states(second.state_details.flow_run_id) == {"shard": "Cached"}
-    assert first.result()["shard"].output_dir == second.result()["shard"].output_dir
+    stages = {"shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train"}
+    assert _task_states(first.state_details.flow_run_id) == dict.fromkeys(stages, "Completed")
+    assert _task_states(second.state_details.flow_run_id) == dict.fromkeys(stages, "Cached")
+    assert {k: r.output_dir for k, r in first.result().items()} == {k: r.output_dir for k, r in second.result().items()}
+    # The DiT branch scored its samples with the evaluation stage's fine-tuned classifier.
+    assert first.result()["dit_train"].manifest()["outputs"]["quality_classifier"] == "evaluate"
+
+    # A stage whose outputs are gone (deleted, or never finished) runs again; the rest stay Cached.
+    shutil.rmtree(first.result()["dit_train"].output_dir)
+    third = pipeline(preset="smoke", overrides=overrides, data_root=str(tmp_path), return_state=True)
+    states = _task_states(third.state_details.flow_run_id)
+    # The cache still held the deleted stage's result: the flow notices and refreshes that one stage.
+    assert states.pop("dit_train") == "Cached+Completed" and set(states.values()) == {"Cached"}
+    assert Path(third.result()["dit_train"].manifest_path).is_file()
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("patchflow")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 2
-    assert [c.data.tags["patchflow.stage"] for c in children] == ["shard"]  # only the first run did work
-    child = children[0]
+    assert len(parents) == 3
+    assert sorted(c.data.tags["patchflow.stage"] for c in children) == sorted([*stages, "dit_train"])
+    child = next(c for c in children if c.data.tags["patchflow.stage"] == "shard")
     assert child.data.tags["mlflow.parentRunId"] in {p.info.run_id for p in parents}
     assert child.data.metrics["train_samples"] == 512
     assert "manifest.json" in [a.path for a in client.list_artifacts(child.info.run_id)]
