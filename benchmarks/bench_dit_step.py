@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 from models.diffusion import GaussianDiffusion  # noqa: E402
 from models.dit import DiT, dit_from_name  # noqa: E402
 from models.vae import load_pretrained_tiny_autoencoder  # noqa: E402
+from benchmarks._common import measure_matmul_rate, synchronize  # noqa: E402
 
 
 def dit_forward_flops(model: DiT) -> float:
@@ -38,25 +39,6 @@ def dit_forward_flops(model: DiT) -> float:
     per_block = 2 * tokens * width * width * (4 + 2 * mlp_ratio) + 4 * tokens * tokens * width
     conditioning = 2 * (256 * width + width * width) + depth * 2 * width * 6 * width + 2 * width * 2 * width
     return 2 * tokens * patch_in * width + depth * per_block + 2 * tokens * width * patch_out + conditioning
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    """Achieved FLOP/s of a large square matmul: a practical peak for MFU on this machine."""
-    n, iterations = (8192, 20) if device.type == "cuda" else (1024, 10)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up: kernel selection and thread-pool start
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iterations):
-        a @ b
-    synchronize(device)
-    return 2 * n**3 * iterations / (time.perf_counter() - start)
 
 
 def bench_dit(name: str, args: argparse.Namespace, device: torch.device, peak: float) -> dict:
