@@ -47,12 +47,17 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
 
 
+def save_torch_atomic(path: Path, obj: Any) -> None:
+    """``torch.save`` through a temporary file and a rename: readers never see half a file."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes_atomic(Path(path), buffer.getvalue())
+
+
 def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     """Write ``state`` for ``step`` (temp file + rename), then drop all but the newest ``keep``."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
     path = checkpoint_path(folder, step)
-    write_bytes_atomic(path, buffer.getvalue())
+    save_torch_atomic(path, state)
     for old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return path

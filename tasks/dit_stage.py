@@ -4,7 +4,6 @@ the frozen VAE, and a quality score computed from those samples."""
 
 from __future__ import annotations
 
-import io
 import logging
 from itertools import islice
 from pathlib import Path
@@ -13,11 +12,12 @@ from typing import Any
 import mlflow
 import torch
 
-from data_shards.atomic import sha256_file, write_bytes_atomic
+from data_shards.atomic import sha256_file
 from data_shards.loader import LoaderSpec, evaluation_batches, split_shards
 from models.diffusion import GaussianDiffusion
 from models.dit import DiT, dit_from_name
 from models.vae import parameter_fingerprint
+from tasks.checkpoint import save_torch_atomic
 from tasks.config import DiTConfig, OptimConfig, TrainConfig
 from tasks.engine import TrainJob, seed_everything, train
 from tasks.evaluate import build_encoder
@@ -149,9 +149,7 @@ def run(config: DiTConfig, inputs: list[StageResult], context: StageContext) -> 
                        "learn_sigma": config.learn_sigma},
             log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step)))
         ema = summary.ema if summary.ema is not None else model
-        buffer = io.BytesIO()
-        torch.save(ema.state_dict(), buffer)
-        write_bytes_atomic(output_dir / "dit.pt", buffer.getvalue())
+        save_torch_atomic(output_dir / "dit.pt", ema.state_dict())
 
         classifier, source = scoring_classifier(inputs, shards, image_size, config, len(classes), output_dir)
         sample_labels = torch.arange(len(classes)).repeat_interleave(config.samples_per_class)

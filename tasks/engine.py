@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from tasks.checkpoint import list_checkpoints, load_latest, restore_rng_state, rng_state, save_checkpoint
+from tasks.checkpoint import load_latest, restore_rng_state, rng_state, save_checkpoint
 from tasks.config import OptimConfig, TrainConfig
 from tasks.distributed import DistInfo
 
@@ -229,6 +229,3 @@ def _gather_rng_states(dist: DistInfo) -> Any:
     torch.distributed.all_gather_object(gathered, rng_state())
     return gathered
 
-
-def has_checkpoint(folder: Path) -> bool:
-    return bool(list_checkpoints(folder))

@@ -5,7 +5,6 @@ size, and the same ViT trained from scratch with the fine-tuning budget."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from itertools import islice
@@ -16,9 +15,10 @@ import mlflow
 import numpy as np
 import torch
 
-from data_shards.atomic import sha256_file, write_bytes_atomic
+from data_shards.atomic import sha256_file
 from data_shards.loader import LoaderSpec, evaluation_batches, split_shards
 from models.vit import VisionTransformer, vit_from_name
+from tasks.checkpoint import save_torch_atomic
 from tasks.config import EvalConfig
 from tasks.features import extract_features, save_features
 from tasks.finetune import confusion_image, confusion_matrix, predict, train_classifier
@@ -132,9 +132,7 @@ def finetune_scores(config: EvalConfig, architecture: dict, encoder_path: Path |
         per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
         mlflow.log_dict({c: float(a) for c, a in zip(classes, per_class)}, "per_class_accuracy.json")
         mlflow.log_metrics({f"class_accuracy/{i}": float(a) for i, a in enumerate(per_class)})
-        buffer = io.BytesIO()
-        torch.save(model.state_dict(), buffer)
-        write_bytes_atomic(output_dir / "classifier.pt", buffer.getvalue())
+        save_torch_atomic(output_dir / "classifier.pt", model.state_dict())
     return scores
 
 

@@ -16,9 +16,10 @@ from typing import Any
 import mlflow
 import torch
 
-from data_shards.atomic import sha256_file, write_bytes_atomic, write_json_atomic
+from data_shards.atomic import sha256_file, write_json_atomic
 from data_shards.loader import LoaderSpec, evaluation_batches, split_shards, training_batches
 from models.mae import MaskedAutoencoder, denormalize_pred, mae_from_name, reconstruction_grid
+from tasks.checkpoint import save_torch_atomic
 from tasks.config import MAEConfig
 from tasks.distributed import init_distributed, run_torchrun, shutdown_distributed, torchrun_command
 from tasks.engine import TrainJob, TrainSummary, seed_everything, train
@@ -110,9 +111,7 @@ def train_worker(job_path: Path) -> TrainSummary:
 
 def _export(model: MaskedAutoencoder, output_dir: Path, summary: TrainSummary) -> None:
     for name, module in (("encoder.pt", model.encoder), ("mae.pt", model)):
-        buffer = __import__("io").BytesIO()
-        torch.save({k: v.cpu() for k, v in module.state_dict().items()}, buffer)
-        write_bytes_atomic(output_dir / name, buffer.getvalue())
+        save_torch_atomic(output_dir / name, {k: v.cpu() for k, v in module.state_dict().items()})
     write_json_atomic(output_dir / "train_summary.json", {
         "steps": summary.steps, "resumed_from": summary.resumed_from, "losses": summary.losses,
         "images_per_s": summary.images_per_s, "wall_s": summary.wall_s})

@@ -8,7 +8,6 @@ per-channel latent shift/scale the diffusion model normalises with.
 
 from __future__ import annotations
 
-import io
 import logging
 from itertools import islice
 from pathlib import Path
@@ -17,9 +16,10 @@ from typing import Any
 import mlflow
 import torch
 
-from data_shards.atomic import sha256_file, write_bytes_atomic
+from data_shards.atomic import sha256_file
 from data_shards.loader import LoaderSpec, evaluation_batches, split_shards, training_batches
 from models.vae import TinyAutoencoder, autoencoder_loss, freeze, load_pretrained_tiny_autoencoder, parameter_fingerprint
+from tasks.checkpoint import save_torch_atomic
 from tasks.config import VAEConfig
 from tasks.engine import TrainJob, seed_everything, train
 from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
@@ -115,9 +115,7 @@ def run(config: VAEConfig, inputs: list[StageResult], context: StageContext) -> 
         psnr, grid = reconstruction_psnr(vae, image_spec(shards.manifest_path, "val", config.image_size))
         stats = latent_statistics(vae, image_spec(shards.manifest_path, "train", config.image_size))
         log_image(grid, "reconstruction.png")
-        buffer = io.BytesIO()
-        torch.save(vae.state_dict(), buffer)
-        write_bytes_atomic(output_dir / "vae.pt", buffer.getvalue())
+        save_torch_atomic(output_dir / "vae.pt", vae.state_dict())
         constructor = {"latent_channels": vae.encoder[-1].out_channels, "width": vae.encoder[0].out_channels,
                        "midblock_gn": any(".pool." in name for name, _ in vae.named_parameters())}
         outputs = {"vae": {"path": "vae.pt", "sha256": sha256_file(output_dir / "vae.pt")}, "constructor": constructor,
