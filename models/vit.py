@@ -268,14 +268,17 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(imgs)  # (N, L, D)
         return x + self.pos_embed[:, 1:, :]  # (N, L, D)
 
+    def _prepend_class_token(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(patch_tokens.shape[0], -1, -1)  # (N, 1, D)
+        return torch.cat([cls, patch_tokens], dim=1)  # (N, 1 + K, D)
+
     def forward_tokens(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """Any subset of position-embedded patch tokens (N, K, D) -> final-normed (N, 1 + K, D).
 
         Positions are already in the tokens, so the blocks work on whichever patches the caller kept;
         this is what lets the MAE encoder run on visible patches only.
         """
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(patch_tokens.shape[0], -1, -1)  # (N, 1, D)
-        x = torch.cat([cls, patch_tokens], dim=1)  # (N, 1 + K, D)
+        x = self._prepend_class_token(patch_tokens)  # (N, 1 + K, D)
         for block in self.blocks:
             x = block(x)  # (N, 1 + K, D)
         return self.norm(x)  # (N, 1 + K, D)
@@ -283,6 +286,24 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (N, C, H, W) -> final-normed tokens (N, 1 + L, D), class token first."""
         return self.forward_tokens(self.embed_patches(x))
+
+    def forward_last_blocks(self, x: torch.Tensor, count: int) -> list[torch.Tensor]:
+        """Images (N, C, H, W) -> the outputs of the last ``count`` blocks, each (N, 1 + L, D).
+
+        Each output goes through the final LayerNorm, as DINO's linear evaluation does, so every
+        block's tokens are on the scale of the last one's; the last entry equals ``forward_features``.
+        A frozen-feature probe on several blocks sees what the last block has traded away for MAE's
+        pixel reconstruction.
+        """
+        if not 1 <= count <= len(self.blocks):
+            raise ValueError(f"count must be in [1, {len(self.blocks)}] (the encoder's depth), got {count}")
+        hidden = self._prepend_class_token(self.embed_patches(x))  # (N, 1 + L, D)
+        outputs = []
+        for index, block in enumerate(self.blocks):
+            hidden = block(hidden)  # (N, 1 + L, D)
+            if index >= len(self.blocks) - count:
+                outputs.append(self.norm(hidden))
+        return outputs
 
     def pool(self, tokens: torch.Tensor, how: str | None = None) -> torch.Tensor:
         """Tokens (N, 1 + L, D) -> one vector per image (N, D).

@@ -126,6 +126,8 @@ class EvalConfig(StrictModel):
     """Linear probe, kNN and fine-tuning of a pretrained encoder, with baselines on the same split."""
 
     pool: Literal["token", "avg"] = "avg"
+    feature_blocks: int = Field(
+        default=1, gt=0, description="Probe/kNN features: pooled outputs of this many last encoder blocks, concatenated.")
     knn_k: int = Field(default=20, gt=0)
     knn_temperature: float = Field(default=0.07, gt=0)
     probe: Literal["logistic", "bn_linear"] = "logistic"

@@ -87,7 +87,8 @@ def frozen_feature_scores(config: EvalConfig, encoder: VisionTransformer, specs:
     """Linear probe and kNN on one encoder's frozen features (cached as arrays for reuse)."""
     feats = {}
     for split, spec in specs.items():
-        feats[split] = extract_features(encoder, _batches(spec, config.max_train_features if split == "train" else None))
+        limit = config.max_train_features if split == "train" else None
+        feats[split] = extract_features(encoder, _batches(spec, limit), blocks=config.feature_blocks)
         save_features(features_dir / f"{name}-{split}.npz", feats[split])
     x = {s: f[config.pool] for s, f in feats.items()}
     y = {s: f["labels"] for s, f in feats.items()}
@@ -150,6 +151,9 @@ def run(config: EvalConfig, inputs: list[StageResult], context: StageContext) ->
     encoder_path = Path(pretrained.output_dir) / pretrained_outputs["encoder"]["path"]
     encoder = build_encoder(architecture)
     load_encoder_weights(encoder, encoder_path)  # a mismatched checkpoint fails here, before any work
+    if config.feature_blocks > len(encoder.blocks):
+        raise ValueError(f"evaluate.feature_blocks={config.feature_blocks} exceeds the {architecture['encoder_size']} "
+                         f"encoder's depth {len(encoder.blocks)}")
     torch.manual_seed(0)
     random_encoder = build_encoder(architecture)
     specs = {split: _spec(shards.manifest_path, split, architecture, normalization) for split in SPLITS}

@@ -62,6 +62,7 @@ def extract_features(
     batches: Iterable[dict],
     device: str = "cpu",
     pools: tuple[str, ...] = POOLS,
+    blocks: int = 1,
 ) -> dict[str, np.ndarray]:
     """Encode every image of ``batches`` with a frozen encoder and pool each image to one vector.
 
@@ -73,9 +74,12 @@ def extract_features(
             ``data_shards.loader.evaluation_batches(spec)``; a batch without "label" gets -1 labels.
         device: where the images go; on CUDA the forward runs under bf16 autocast.
         pools: which poolings to return, each "token" (class token) or "avg" (mean patch token).
+        blocks: pool the outputs of this many last blocks (each through the final LayerNorm) and
+            concatenate them, last block first; 1 is the usual final-layer feature.
 
     Returns:
-        ``{pool: (N, D) float32 for each pool, "labels": (N,) int64}``, in the order of ``batches``.
+        ``{pool: (N, blocks * D) float32 for each pool, "labels": (N,) int64}``, in the order of
+        ``batches``.
     """
     unknown = [how for how in pools if how not in POOLS]
     if unknown or not pools:
@@ -86,9 +90,10 @@ def extract_features(
         for batch in batches:
             images = torch.as_tensor(batch["image"]).to(device, non_blocking=True)  # (N, C, H, W)
             with _autocast(device):
-                tokens = encoder.forward_features(images)  # (N, 1 + L, D)
+                per_block = encoder.forward_last_blocks(images, blocks)[::-1]  # blocks x (N, 1 + L, D)
             for how in pools:
-                pooled[how].append(encoder.pool(tokens, how).float().cpu().numpy())  # (N, D)
+                vectors = torch.cat([encoder.pool(tokens, how) for tokens in per_block], dim=1)  # (N, blocks * D)
+                pooled[how].append(vectors.float().cpu().numpy())
             labels.append(_batch_labels(batch, images.shape[0]))
     if not labels:
         raise ValueError("extract_features got no batches: the split is empty")

@@ -90,6 +90,12 @@ def test_encoder_checkpoint_of_another_size_is_refused(pretrained, tmp_path):
         evaluate.load_encoder_weights(bigger, Path(mae.output_dir) / "encoder.pt")
 
 
+def test_feature_blocks_deeper_than_the_encoder_are_refused(pretrained):
+    root, shards, mae = pretrained
+    with pytest.raises(ValueError, match="feature_blocks=9 exceeds the nano encoder's depth"):
+        evaluate.run(_eval_config(feature_blocks=9), [shards, mae], StageContext(data_root=root))
+
+
 def test_split_without_labels_is_refused_before_work(tmp_path):
     table = require_shared("emoji-captions/twemoji")
     shards = make_shards(tmp_path, SourceConfig(kind="caption_table", path=str(table), max_train=40, max_val=10))

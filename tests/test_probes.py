@@ -201,6 +201,26 @@ def test_extract_features_selected_pool_and_bad_inputs():
         extract_features(encoder, [])
 
 
+def test_features_of_last_blocks_concatenate_normed_block_outputs():
+    torch.manual_seed(0)
+    encoder = VisionTransformer(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=3, num_heads=2)
+    images = torch.randn(4, 1, 8, 8)
+    outputs = encoder.forward_last_blocks(images, 3)
+    assert len(outputs) == 3 and all(o.shape == (4, 5, 16) for o in outputs)
+    torch.testing.assert_close(outputs[-1], encoder.forward_features(images))  # the last block is the usual feature
+    hidden = encoder._prepend_class_token(encoder.embed_patches(images))
+    torch.testing.assert_close(outputs[0], encoder.norm(encoder.blocks[0](hidden)))  # each through the final norm
+
+    single = extract_features(encoder, [{"image": images, "label": torch.arange(4)}])
+    stacked = extract_features(encoder, [{"image": images, "label": torch.arange(4)}], blocks=2)
+    assert stacked["avg"].shape == (4, 32) and stacked["token"].shape == (4, 32)
+    np.testing.assert_allclose(stacked["avg"][:, :16], single["avg"], rtol=1e-6)  # last block first
+    second_last = encoder.pool(outputs[1], "avg").detach().numpy()
+    np.testing.assert_allclose(stacked["avg"][:, 16:], second_last, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="depth"):
+        encoder.forward_last_blocks(images, 4)
+
+
 def test_save_and_load_features_round_trip(tmp_path):
     features = extract_features(_tiny_vit(), _fake_batches())
     path = tmp_path / "features" / "val.npz"
