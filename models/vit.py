@@ -242,7 +242,6 @@ class VisionTransformer(nn.Module):
         self.global_pool = global_pool
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # A frozen Parameter rather than a buffer: it travels in state_dict and counts in parameters()
         # the way MAE/timm checkpoints and published parameter counts expect.

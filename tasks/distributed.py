@@ -8,10 +8,15 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
+import mlflow
 import torch
 import torch.distributed as dist
+
+from tasks.config import TrainConfig
+from tasks.tracking import tracking_uri
 
 
 @dataclass(frozen=True)
@@ -93,3 +98,28 @@ def run_torchrun(command: list[str], log: Callable[[str], None] | None = None, e
         raise
     if code != 0:
         raise RuntimeError(f"torchrun exited with code {code}; last output:\n" + "\n".join(tail))
+
+
+def launch_workers(module: str, worker: Callable[[Path], Any], job_path: Path, train: TrainConfig,
+                   run_id: str, data_root: Path, log: Callable[[str], None] | None = None) -> None:
+    """Run a stage's ``worker(job_path)``: in this process for one rank, else on every torchrun rank.
+
+    ``module`` must call :func:`run_rank` with the same worker under ``__main__``; rank 0 then logs
+    into the stage's MLflow run ``run_id``.
+    """
+    if train.nproc_per_node * train.nnodes == 1:
+        worker(job_path)
+        return
+    command = torchrun_command(module, [str(job_path)], train.nproc_per_node, train.nnodes, train.rdzv_endpoint)
+    run_torchrun(command, log=log, env={"MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": tracking_uri(data_root)})
+
+
+def run_rank(worker: Callable[[Path], Any], job_path: str) -> None:
+    """A torchrun rank's entry point: rank 0 attaches to the launching stage's MLflow run."""
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(name)s %(message)s")
+    if rank == "0" and os.environ.get("MLFLOW_RUN_ID"):
+        with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]):
+            worker(Path(job_path))
+    else:
+        worker(Path(job_path))

@@ -13,15 +13,14 @@ import mlflow
 import torch
 
 from data_shards.atomic import sha256_file
-from data_shards.loader import LoaderSpec, evaluation_batches, split_shards
+from data_shards.loader import evaluation_batches
 from models.diffusion import GaussianDiffusion
 from models.dit import DiT, dit_from_name
 from models.vae import parameter_fingerprint
 from tasks.checkpoint import save_torch_atomic
 from tasks.config import DiTConfig, OptimConfig, TrainConfig
 from tasks.engine import TrainJob, seed_everything, train
-from tasks.evaluate import build_encoder
-from tasks.finetune import train_classifier
+from tasks.finetune import build_encoder, train_classifier
 from tasks.latents import latent_batches, load_latents
 from tasks.quality import ImageClassifier, quality_scores
 from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest

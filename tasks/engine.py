@@ -187,7 +187,7 @@ def train(job: TrainJob) -> TrainSummary:
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast_context(cfg.precision, dist.device):
                 loss, extra = job.loss_fn(model, batch)
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss is {float(loss)} at step {step} (epoch {epoch}, batch {index}); "
+                raise NonFiniteLossError(f"loss is {float(loss.detach())} at step {step} (epoch {epoch}, batch {index}); "
                                          f"lower optim.base_lr or enable optim.clip_grad")
             (loss / cfg.optim.accum_steps).backward()
             step_loss += float(loss.detach()) / cfg.optim.accum_steps

@@ -5,6 +5,7 @@ size, and the same ViT trained from scratch with the fine-tuning budget."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from itertools import islice
@@ -17,11 +18,11 @@ import torch
 
 from data_shards.atomic import sha256_file
 from data_shards.loader import LoaderSpec, evaluation_batches, split_shards
-from models.vit import VisionTransformer, vit_from_name
-from tasks.checkpoint import save_torch_atomic
+from models.vit import VisionTransformer
 from tasks.config import EvalConfig
 from tasks.features import extract_features, save_features
-from tasks.finetune import confusion_image, confusion_matrix, predict, train_classifier
+from tasks.finetune import (FinetuneJob, build_encoder, confusion_image, confusion_matrix, load_encoder_weights,
+                            predict, run_finetune)
 from tasks.probes import bn_linear_probe, check_labels, knn_accuracy, logistic_regression_probe
 from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
 from tasks.tracking import stage_run
@@ -42,26 +43,6 @@ def _require_labelled_splits(shard_manifest: dict[str, Any], manifest_path: str)
         if name == "train" and len(splits[name]["class_histogram"]) < 2:
             raise ValueError(f"{manifest_path}: split 'train' has only one class; a classifier needs two or more")
     return shard_manifest["outputs"]["classes"] or sorted(splits["train"]["class_histogram"])
-
-
-def build_encoder(architecture: dict[str, Any], num_classes: int = 0, drop_path: float = 0.0) -> VisionTransformer:
-    return vit_from_name(architecture["encoder_size"], img_size=architecture["image_size"],
-                         patch_size=architecture["patch_size"], in_chans=architecture["in_chans"],
-                         num_classes=num_classes, drop_path_rate=drop_path)
-
-
-def load_encoder_weights(model: VisionTransformer, path: Path) -> None:
-    """Load an exported encoder; a head may stay untrained, any other difference is an error."""
-    state = torch.load(path, map_location="cpu")
-    own = model.state_dict()
-    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in state and not k.startswith("head.")]
-    unexpected = [k for k in state if k not in own]
-    if wrong or missing or unexpected:
-        raise ValueError(f"{path} does not match the encoder config: shapes {wrong[:5]}, missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    model.load_state_dict(state, strict=False)
 
 
 def _spec(manifest_path: str, split: str, architecture: dict, normalization: dict, **overrides) -> LoaderSpec:
@@ -111,29 +92,29 @@ def raw_pixel_scores(config: EvalConfig, specs: dict[str, LoaderSpec]) -> dict[s
 
 
 def finetune_scores(config: EvalConfig, architecture: dict, encoder_path: Path | None, num_classes: int,
-                    specs: dict[str, LoaderSpec], output_dir: Path, name: str, classes: list[str]) -> dict[str, float]:
+                    specs: dict[str, LoaderSpec], output_dir: Path, name: str, classes: list[str],
+                    run_id: str, data_root: Path) -> dict[str, float]:
     """Fine-tune the pretrained encoder (or train the same ViT from scratch when no weights)."""
-    torch.manual_seed(config.finetune_train.seed)
-    model = build_encoder(architecture, num_classes=num_classes, drop_path=config.drop_path)
-    if encoder_path is not None:
-        load_encoder_weights(model, encoder_path)
-    train_spec = LoaderSpec(**{**specs["train"].__dict__, "shuffle": True, "augment": "crop_flip",
-                               "batch_size": config.finetune_train.batch_size, "shuffle_buffer": config.finetune_train.shuffle_buffer,
-                               "num_workers": config.finetune_train.num_workers, "seed": config.finetune_train.seed})
-    signature = {**architecture, "num_classes": num_classes, "init": name}
-    prefix = f"{name}/"
-    summary = train_classifier(model, train_spec, config.finetune_train, output_dir / name / "checkpoints", signature,
-                               config.layer_decay, config.label_smoothing,
-                               log_metrics=lambda m, step: mlflow.log_metrics({prefix + k: v for k, v in m.items()}, step=step))
+    train = config.finetune_train
+    train_spec = dataclasses.replace(specs["train"], shuffle=True, augment="crop_flip", batch_size=train.batch_size,
+                                     shuffle_buffer=train.shuffle_buffer, num_workers=train.num_workers, seed=train.seed)
+    job = FinetuneJob(
+        architecture=architecture, num_classes=num_classes, encoder_path=None if encoder_path is None else str(encoder_path),
+        loader=dataclasses.asdict(train_spec), train=train.model_dump(mode="json"), layer_decay=config.layer_decay,
+        label_smoothing=config.label_smoothing, drop_path=config.drop_path,
+        signature={**architecture, "num_classes": num_classes, "init": name},
+        checkpoint_dir=str(output_dir / name / "checkpoints"),
+        weights_path=str(output_dir / ("classifier.pt" if name == "finetune" else f"{name}/model.pt")),
+        metric_prefix=f"{name}/")
+    model, summary = run_finetune(job, output_dir / name / "job.json", run_id, data_root, log=log.info)
     predicted, true = predict(model, specs["test"])
-    scores = {f"{name}_top1": float((predicted == true).mean()), f"{name}_train_wall_s": summary.wall_s}
+    scores = {f"{name}_top1": float((predicted == true).mean()), f"{name}_train_wall_s": summary["wall_s"]}
     if name == "finetune":
         matrix = confusion_matrix(predicted, true, num_classes)
         mlflow.log_image(confusion_image(matrix), artifact_file="confusion_matrix.png")
         per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
         mlflow.log_dict({c: float(a) for c, a in zip(classes, per_class)}, "per_class_accuracy.json")
         mlflow.log_metrics({f"class_accuracy/{i}": float(a) for i, a in enumerate(per_class)})
-        save_torch_atomic(output_dir / "classifier.pt", model.state_dict())
     return scores
 
 
@@ -166,8 +147,9 @@ def run(config: EvalConfig, inputs: list[StageResult], context: StageContext) ->
         metrics |= frozen_feature_scores(config, random_encoder, specs, features_dir, "random_init")
         metrics |= raw_pixel_scores(config, specs)
         if config.finetune:
-            metrics |= finetune_scores(config, architecture, encoder_path, len(classes), specs, output_dir, "finetune", classes)
-            metrics |= finetune_scores(config, architecture, None, len(classes), specs, output_dir, "scratch", classes)
+            for name, weights in (("finetune", encoder_path), ("scratch", None)):
+                metrics |= finetune_scores(config, architecture, weights, len(classes), specs, output_dir, name,
+                                           classes, tracked.info.run_id, context.data_root)
             metrics["finetune_margin_over_scratch"] = metrics["finetune_top1"] - metrics["scratch_top1"]
         metrics["linear_margin_over_pixels"] = metrics["mae_linear_top1"] - metrics["pixels_linear_top1"]
         metrics["linear_margin_over_random_init"] = metrics["mae_linear_top1"] - metrics["random_init_linear_top1"]

@@ -1,20 +1,52 @@
 """End-to-end fine-tuning of a ViT classifier on the shared engine (MAE's recipe, scaled down):
-layer-wise lr decay, drop path, label smoothing and crop/flip augmentation."""
+layer-wise lr decay, drop path, label smoothing and crop/flip augmentation.
+
+One process fine-tunes in-process; with ``train.nproc_per_node`` > 1 the evaluation stage launches
+torchrun on this module (``python -m tasks.finetune JOB.json``), every rank running
+:func:`finetune_worker` under DDP, exactly as MAE pretraining does.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import mlflow
 
+from data_shards.atomic import write_json_atomic
 from data_shards.loader import LoaderSpec, evaluation_batches, training_batches
-from models.vit import VisionTransformer
+from models.vit import VisionTransformer, vit_from_name
+from tasks.checkpoint import save_torch_atomic
 from tasks.config import TrainConfig
+from tasks.distributed import DistInfo, init_distributed, launch_workers, run_rank, shutdown_distributed
 from tasks.engine import TrainJob, TrainSummary, no_weight_decay, seed_everything, train
+
+
+def build_encoder(architecture: dict[str, Any], num_classes: int = 0, drop_path: float = 0.0) -> VisionTransformer:
+    return vit_from_name(architecture["encoder_size"], img_size=architecture["image_size"],
+                         patch_size=architecture["patch_size"], in_chans=architecture["in_chans"],
+                         num_classes=num_classes, drop_path_rate=drop_path)
+
+
+def load_encoder_weights(model: VisionTransformer, path: Path) -> None:
+    """Load an exported encoder; a head may stay untrained, any other difference is an error."""
+    state = torch.load(path, map_location="cpu")
+    own = model.state_dict()
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state and not k.startswith("head.")]
+    unexpected = [k for k in state if k not in own]
+    if wrong or missing or unexpected:
+        raise ValueError(f"{path} does not match the encoder config: shapes {wrong[:5]}, missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -51,7 +83,7 @@ def classification_loss(label_smoothing: float):
 def train_classifier(
     model: VisionTransformer, loader: LoaderSpec, train_config: TrainConfig, checkpoint_dir: Path,
     signature: dict[str, Any], layer_decay: float, label_smoothing: float, log_metrics=None,
-    stop_after: int | None = None,
+    stop_after: int | None = None, dist: DistInfo | None = None,
 ) -> TrainSummary:
     """Fine-tune (or, from random weights, train from scratch) ``model`` with the shared engine."""
     seed_everything(train_config.seed)
@@ -60,8 +92,81 @@ def train_classifier(
         batches=lambda epoch, skip: training_batches(loader, epoch, skip), config=train_config,
         checkpoint_dir=checkpoint_dir, signature=signature, log_metrics=log_metrics,
         param_groups=lambda m, wd: layer_decay_groups(m, wd, layer_decay), stop_after=stop_after,
+        dist=dist or DistInfo(),
     )
     return train(job)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneJob:
+    """Everything a rank needs to fine-tune one classifier; written as JSON for torchrun's ranks.
+
+    ``encoder_path`` None trains the same ViT from scratch. ``loader`` is the rank-0 train spec;
+    each rank takes its own slice of the shards. The trained weights go to ``weights_path``.
+    """
+
+    architecture: dict[str, Any]
+    num_classes: int
+    encoder_path: str | None
+    loader: dict[str, Any]
+    train: dict[str, Any]
+    layer_decay: float
+    label_smoothing: float
+    drop_path: float
+    signature: dict[str, Any]
+    checkpoint_dir: str
+    weights_path: str
+    metric_prefix: str = ""
+    stop_after: int | None = None
+
+
+def build_classifier(job: FinetuneJob) -> VisionTransformer:
+    """The job's ViT with a head: random weights seeded by the train config, then the encoder's."""
+    torch.manual_seed(TrainConfig.model_validate(job.train).seed)
+    model = build_encoder(job.architecture, num_classes=job.num_classes, drop_path=job.drop_path)
+    if job.encoder_path is not None:
+        load_encoder_weights(model, Path(job.encoder_path))
+    return model
+
+
+def finetune_worker(job_path: Path) -> TrainSummary:
+    """What every rank runs: build, train on its shard slice, and (rank 0) save the weights."""
+    job = FinetuneJob(**json.loads(Path(job_path).read_text()))
+    train_config = TrainConfig.model_validate(job.train)
+    dist = init_distributed()
+    model = build_classifier(job)
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in job.loader.items()}
+    loader = LoaderSpec(**{**fields, "rank": dist.rank, "world_size": dist.world_size})
+    log_metrics: Callable | None = None
+    if dist.is_main:
+        log_metrics = lambda m, step: mlflow.log_metrics({job.metric_prefix + k: v for k, v in m.items()}, step=step)  # noqa: E731
+    summary = train_classifier(model, loader, train_config, Path(job.checkpoint_dir), job.signature, job.layer_decay,
+                               job.label_smoothing, log_metrics=log_metrics, stop_after=job.stop_after, dist=dist)
+    if dist.is_main and summary.steps == train_config.steps:
+        save_torch_atomic(Path(job.weights_path), {k: v.cpu() for k, v in model.state_dict().items()})
+        write_json_atomic(Path(job.weights_path).with_suffix(".summary.json"),
+                          {"steps": summary.steps, "wall_s": summary.wall_s, "images_per_s": summary.images_per_s,
+                           "world_size": dist.world_size})
+    shutdown_distributed()
+    return summary
+
+
+def run_finetune(job: FinetuneJob, job_path: Path, run_id: str, data_root: Path,
+                 log: Callable[[str], None] | None = None) -> tuple[VisionTransformer, dict[str, Any]]:
+    """Fine-tune on one process or on ``train.nproc_per_node`` torchrun ranks; return the trained model.
+
+    Raises:
+        RuntimeError: training stopped before its last step (a rerun resumes from the checkpoints).
+    """
+    write_json_atomic(job_path, dataclasses.asdict(job))
+    launch_workers("tasks.finetune", finetune_worker, job_path, TrainConfig.model_validate(job.train), run_id,
+                   data_root, log=log)
+    weights = Path(job.weights_path)
+    if not weights.is_file():
+        raise RuntimeError(f"fine-tuning stopped before its last step; run again to resume from {job.checkpoint_dir}")
+    model = build_encoder(job.architecture, num_classes=job.num_classes)
+    model.load_state_dict(torch.load(weights, map_location="cpu"))
+    return model, json.loads(weights.with_suffix(".summary.json").read_text())
 
 
 @torch.no_grad()
@@ -89,3 +194,7 @@ def confusion_image(matrix: np.ndarray, cell: int = 24) -> np.ndarray:
     rgb = np.stack([image, image, np.full_like(image, 255)], axis=-1)
     rgb[::cell, :, :] = rgb[:, ::cell, :] = 128  # grid lines
     return rgb
+
+
+if __name__ == "__main__":  # a torchrun rank
+    run_rank(finetune_worker, sys.argv[1])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,10 @@ from data_shards.loader import LoaderSpec, evaluation_batches, split_shards, tra
 from models.mae import MaskedAutoencoder, denormalize_pred, mae_from_name, reconstruction_grid
 from tasks.checkpoint import save_torch_atomic
 from tasks.config import MAEConfig
-from tasks.distributed import init_distributed, run_torchrun, shutdown_distributed, torchrun_command
+from tasks.distributed import init_distributed, launch_workers, run_rank, shutdown_distributed
 from tasks.engine import TrainJob, TrainSummary, seed_everything, train
 from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
-from tasks.tracking import log_image, stage_run, tracking_uri
+from tasks.tracking import log_image, stage_run
 
 STAGE = "mae_pretrain"
 log = logging.getLogger("patchflow.mae")
@@ -133,13 +132,8 @@ def run(config: MAEConfig, inputs: list[StageResult], context: StageContext) -> 
     world = config.train.nproc_per_node * config.train.nnodes
     params = {**config.model_dump(mode="json"), "in_chans": geometry["channels"], "world_size": world}
     with stage_run(STAGE, context.data_root, context.parent_run_id, params=params, system_metrics=True) as tracked:
-        if world == 1:
-            train_worker(job_path)
-        else:
-            command = torchrun_command("tasks.mae_pretrain", [str(job_path)], config.train.nproc_per_node,
-                                       config.train.nnodes, config.train.rdzv_endpoint)
-            run_torchrun(command, log=log.info, env={"MLFLOW_RUN_ID": tracked.info.run_id,
-                                                     "MLFLOW_TRACKING_URI": tracking_uri(context.data_root)})
+        launch_workers("tasks.mae_pretrain", train_worker, job_path, config.train, tracked.info.run_id,
+                       context.data_root, log=log.info)
         if not (output_dir / "encoder.pt").is_file():
             raise RuntimeError(f"{STAGE}: training stopped before step {config.train.steps}; run again to resume "
                                f"from the newest checkpoint in {output_dir / 'checkpoints'}")
@@ -161,9 +155,4 @@ def run(config: MAEConfig, inputs: list[StageResult], context: StageContext) -> 
 
 
 if __name__ == "__main__":  # a torchrun rank
-    logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(name)s %(message)s")
-    if os.environ.get("RANK", "0") == "0" and os.environ.get("MLFLOW_RUN_ID"):
-        with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]):
-            train_worker(Path(sys.argv[1]))
-    else:
-        train_worker(Path(sys.argv[1]))
+    run_rank(train_worker, sys.argv[1])

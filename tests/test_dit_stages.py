@@ -1,6 +1,5 @@
 """The latent-diffusion branch on real data: vae → encode_latents → dit_train."""
 
-import json
 import math
 from pathlib import Path
 

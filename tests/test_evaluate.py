@@ -1,5 +1,6 @@
 """The evaluation stage on real (small) data: every number and baseline is written; bad input fails."""
 
+import json
 import math
 from pathlib import Path
 
@@ -71,6 +72,25 @@ def test_fine_tuning_resumes_to_the_same_losses(pretrained, tmp_path):
     train_classifier(model(), spec, train, tmp_path / "b", arch, 0.75, 0.1, stop_after=3)
     resumed = train_classifier(model(), spec, train, tmp_path / "b", arch, 0.75, 0.1)
     assert resumed.resumed_from == 2 and resumed.losses == straight.losses
+
+
+def test_fine_tuning_runs_under_torchrun_with_two_cpu_processes(pretrained, tmp_path):
+    _, shards, mae = pretrained
+    train = TrainConfig(batch_size=16, steps=4, checkpoint_every=2, log_every=1, num_workers=0, shuffle_buffer=32,
+                        nproc_per_node=2)
+    result = evaluate.run(EvalConfig(finetune_train=train, probe_epochs=2), [shards, mae], StageContext(data_root=tmp_path))
+    output = Path(result.output_dir)
+    for name, weights in (("finetune", "classifier.pt"), ("scratch", "scratch/model.pt")):
+        summary = json.loads((output / weights).with_suffix(".summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["steps"] == 4
+        assert 0.0 <= result.metrics[f"{name}_top1"] <= 1.0
+    # Rank 0 logged into the stage's own MLflow run; the other rank logged nothing.
+    history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(result.mlflow_run_id, "finetune/loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    # The exported classifier started from the MAE encoder and was trained from there.
+    state, encoder = torch.load(output / "classifier.pt"), torch.load(Path(mae.output_dir) / "encoder.pt")
+    assert state["head.weight"].shape[0] == 10
+    assert not torch.equal(state["blocks.0.mlp.fc1.weight"], encoder["blocks.0.mlp.fc1.weight"])
 
 
 def test_layer_decay_scales_lower_layers_down():
