@@ -4,7 +4,9 @@ the frozen VAE, and a quality score computed from those samples."""
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -12,13 +14,14 @@ from typing import Any
 import mlflow
 import torch
 
-from data_shards.atomic import sha256_file
+from data_shards.atomic import sha256_file, write_json_atomic
 from data_shards.loader import evaluation_batches
 from models.diffusion import GaussianDiffusion
 from models.dit import DiT, dit_from_name
 from models.vae import parameter_fingerprint
 from tasks.checkpoint import save_torch_atomic
 from tasks.config import DiTConfig, OptimConfig, TrainConfig
+from tasks.distributed import init_distributed, launch_workers, run_rank, shutdown_distributed
 from tasks.engine import TrainJob, seed_everything, train
 from tasks.finetune import build_encoder, train_classifier
 from tasks.latents import latent_batches, load_latents
@@ -109,46 +112,89 @@ def real_images(shards: StageResult, image_size: int, limit: int) -> tuple[torch
     return torch.cat([b["image"] for b in batches])[:limit], torch.cat([b["label"] for b in batches])[:limit]
 
 
-def run(config: DiTConfig, inputs: list[StageResult], context: StageContext) -> StageResult:
+def _stage_inputs(inputs: list[StageResult]) -> tuple[StageResult, StageResult, StageResult]:
     shards, vae_result, latents_result = (next(r for r in inputs if r.stage == s) for s in ("shard", "vae", "encode_latents"))
+    return shards, vae_result, latents_result
+
+
+def train_worker(job_path: Path) -> None:
+    """What every rank runs: train the DiT on its share of the latents; rank 0 samples and exports.
+
+    Each rank takes every ``world_size``-th latent of the epoch's seeded permutation, so the ranks
+    together see each latent once per epoch.
+    """
+    job = json.loads(Path(job_path).read_text())
+    config, output_dir = DiTConfig.model_validate(job["config"]), Path(job["output_dir"])
+    _, vae_result, latents_result = _stage_inputs([StageResult.model_validate(r) for r in job["inputs"]])
+    latent_outputs = latents_result.manifest()["outputs"]
+    classes = latent_outputs["classes"]
+    dist = init_distributed()
+    seed_everything(config.train.seed)  # same initial weights on every rank
+    model = build_dit(config, latent_outputs["latent_shape"], len(classes))
+    codec = LatentCodec(vae_result.manifest()["outputs"]["latent_stats"])
+    latents, labels = load_latents(latents_result.manifest_path, "train")
+    latents = codec.normalize(latents)
+    diffusion = GaussianDiffusion(config.num_timesteps, config.schedule)
+    on_eval = None
+    if dist.is_main:
+        vae, grid_labels = load_vae(vae_result), torch.arange(len(classes)).repeat(2)
+
+        def on_eval(ema_model: DiT, step: int) -> None:
+            samples = sample_images(ema_model, diffusion, vae, codec, grid_labels, config, seed=0)
+            log_image(image_grid(samples, len(classes)), f"samples/step-{step:06d}.png")
+
+    summary = train(TrainJob(
+        model=model, loss_fn=lambda m, batch: diffusion.training_loss(m, batch["image"], y=batch["label"]),
+        batches=lambda epoch, skip: latent_batches(latents, labels, config.train.batch_size, config.train.seed,
+                                                   dist.rank, dist.world_size, start_epoch=epoch, skip=skip),
+        config=config.train, checkpoint_dir=output_dir / "checkpoints", on_eval=on_eval, dist=dist,
+        signature={"model": config.model, "latent_shape": latent_outputs["latent_shape"], "classes": len(classes),
+                   "learn_sigma": config.learn_sigma},
+        log_metrics=(lambda metrics, step: mlflow.log_metrics(metrics, step=step)) if dist.is_main else None,
+        stop_after=job.get("stop_after")))
+    if dist.is_main and summary.steps == config.train.steps:
+        ema = summary.ema if summary.ema is not None else model
+        save_torch_atomic(output_dir / "dit.pt", {k: v.cpu() for k, v in ema.state_dict().items()})
+        write_json_atomic(output_dir / "train_summary.json", {
+            "steps": summary.steps, "losses": summary.losses, "images_per_s": summary.images_per_s,
+            "wall_s": summary.wall_s, "world_size": dist.world_size})
+    shutdown_distributed()
+
+
+def run(config: DiTConfig, inputs: list[StageResult], context: StageContext) -> StageResult:
+    """Train a class-conditional DiT on the frozen VAE's latents (one process or torchrun ranks), then
+    sample from its EMA weights and score the samples; reuse a finished run."""
+    shards, vae_result, latents_result = _stage_inputs(inputs)
     output_dir = stage_output_dir(context.data_root, STAGE, config, inputs)
     done = finished_result(output_dir)
     if done is not None:
         return done
-    if config.train.nproc_per_node * config.train.nnodes > 1:
-        raise ValueError("dit.train.nproc_per_node/nnodes: dit_train trains in one process (set them to 1)")
     latent_outputs = latents_result.manifest()["outputs"]
     classes = latent_outputs["classes"]
     if not classes:
         raise ValueError(f"{latents_result.manifest_path}: class-conditional DiT needs labelled shards")
-    seed_everything(config.train.seed)
     model = build_dit(config, latent_outputs["latent_shape"], len(classes))  # geometry errors before any work
     vae = load_vae(vae_result)
     fingerprint = parameter_fingerprint(vae)
     image_size = vae_result.manifest()["outputs"]["image_size"]
     codec = LatentCodec(vae_result.manifest()["outputs"]["latent_stats"])
-    latents, labels = load_latents(latents_result.manifest_path, "train")
-    latents = codec.normalize(latents)
     diffusion = GaussianDiffusion(config.num_timesteps, config.schedule)
-    grid_labels = torch.arange(len(classes)).repeat(2)
     output_dir.mkdir(parents=True, exist_ok=True)
-
-    def on_eval(ema_model: DiT, step: int) -> None:
-        samples = sample_images(ema_model, diffusion, vae, codec, grid_labels, config, seed=0)
-        log_image(image_grid(samples, len(classes)), f"samples/step-{step:06d}.png")
-
-    with stage_run(STAGE, context.data_root, context.parent_run_id, params=config.model_dump(mode="json"),
-                   system_metrics=True) as tracked:
-        summary = train(TrainJob(
-            model=model, loss_fn=lambda m, batch: diffusion.training_loss(m, batch["image"], y=batch["label"]),
-            batches=lambda epoch, skip: latent_batches(latents, labels, config.train.batch_size, config.train.seed,
-                                                       start_epoch=epoch, skip=skip),
-            config=config.train, checkpoint_dir=output_dir / "checkpoints", on_eval=on_eval,
-            signature={"model": config.model, "latent_shape": latent_outputs["latent_shape"], "classes": len(classes),
-                       "learn_sigma": config.learn_sigma},
-            log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step)))
-        ema = summary.ema if summary.ema is not None else model
-        save_torch_atomic(output_dir / "dit.pt", ema.state_dict())
+    job_path = output_dir / "job.json"
+    write_json_atomic(job_path, {"config": config.model_dump(mode="json"), "output_dir": str(output_dir),
+                                 "inputs": [r.model_dump(mode="json") for r in inputs],
+                                 "stop_after": context.extra.get("stop_after")})
+    world = config.train.nproc_per_node * config.train.nnodes
+    with stage_run(STAGE, context.data_root, context.parent_run_id,
+                   params={**config.model_dump(mode="json"), "world_size": world}, system_metrics=True) as tracked:
+        launch_workers("tasks.dit_stage", train_worker, job_path, config.train, tracked.info.run_id,
+                       context.data_root, log=log.info)
+        if not (output_dir / "dit.pt").is_file():
+            raise RuntimeError(f"{STAGE}: training stopped before step {config.train.steps}; run again to resume "
+                               f"from the newest checkpoint in {output_dir / 'checkpoints'}")
+        summary = json.loads((output_dir / "train_summary.json").read_text())
+        model.load_state_dict(torch.load(output_dir / "dit.pt", map_location="cpu"))  # the EMA weights
+        ema = model
 
         classifier, source = scoring_classifier(inputs, shards, image_size, config, len(classes), output_dir)
         sample_labels = torch.arange(len(classes)).repeat_interleave(config.samples_per_class)
@@ -158,15 +204,20 @@ def run(config: DiTConfig, inputs: list[StageResult], context: StageContext) -> 
         log_image(image_grid(generated[sample_labels.argsort(stable=True)][: 8 * len(classes)], 8), "samples_final.png")
         if parameter_fingerprint(vae) != fingerprint:
             raise RuntimeError(f"the frozen VAE from {vae_result.output_dir} changed during DiT training")
-        window = max(1, min(20, len(summary.losses) // 4))
-        metrics = {"first_loss": sum(summary.losses[:window]) / window, "final_loss": sum(summary.losses[-window:]) / window,
-                   "latents_per_s": summary.images_per_s, "train_wall_s": summary.wall_s, **scores}
+        losses = summary["losses"]
+        window = max(1, min(20, len(losses) // 4))
+        metrics = {"first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window,
+                   "latents_per_s": summary["images_per_s"], "train_wall_s": summary["wall_s"], **scores}
         mlflow.log_metrics(metrics)
         mlflow.set_tag("quality.classifier", source)
         outputs: dict[str, Any] = {"dit": {"path": "dit.pt", "sha256": sha256_file(output_dir / "dit.pt")},
                                    "architecture": {"model": config.model, "latent_shape": latent_outputs["latent_shape"],
                                                     "num_classes": len(classes), "learn_sigma": config.learn_sigma},
                                    "latent_stats": vae_result.manifest()["outputs"]["latent_stats"],
-                                   "quality_classifier": source}
+                                   "quality_classifier": source, "world_size": world}
         log.info("dit_train: %s", {k: round(v, 4) for k, v in metrics.items()})
         return write_manifest(output_dir, STAGE, config, inputs, outputs, metrics, tracked.info.run_id)
+
+
+if __name__ == "__main__":  # a torchrun rank
+    run_rank(train_worker, sys.argv[1])

@@ -1,10 +1,12 @@
 """The latent-diffusion branch on real data: vae → encode_latents → dit_train."""
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from tasks import dit_stage, latents, vae_train
 from tasks.config import DiTConfig, LatentConfig, TrainConfig, VAEConfig
@@ -100,6 +102,21 @@ def test_dit_training_lowers_the_loss_scores_samples_and_keeps_the_vae_frozen(br
     assert result.manifest()["outputs"]["quality_classifier"] == "trained_here"
     assert (Path(vae.output_dir) / "vae.pt").read_bytes() == vae_bytes
     assert (Path(result.output_dir) / "dit.pt").is_file()
+
+
+def test_dit_trains_under_torchrun_with_two_cpu_processes(branch, tmp_path):
+    _, _, shards, vae, lat = branch
+    config = DiTConfig(model="DiT-N/1", samples_per_class=2, sample_steps=2, classifier_steps=5,
+                       train=TrainConfig(batch_size=16, steps=6, checkpoint_every=3, log_every=1, eval_every=6,
+                                         ema_decay=0.9, nproc_per_node=2, optim={"base_lr": 4e-3, "weight_decay": 0.0}))
+    result = dit_stage.run(config, [shards, vae, lat], StageContext(data_root=tmp_path))
+    summary = json.loads((Path(result.output_dir) / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6 and all(math.isfinite(x) for x in summary["losses"])
+    assert result.manifest()["outputs"]["world_size"] == 2 and math.isfinite(result.metrics["frechet_distance"])
+    # Rank 0 logged the loss and a sample grid into the stage's MLflow run.
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert [m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert [a.path for a in client.list_artifacts(result.mlflow_run_id, "samples")] == ["samples/step-000006.png"]
 
 
 def test_patch_that_does_not_tile_the_latents_fails_before_training(branch):
