@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -112,6 +113,28 @@ def launch_workers(module: str, worker: Callable[[Path], Any], job_path: Path, t
         return
     command = torchrun_command(module, [str(job_path)], train.nproc_per_node, train.nnodes, train.rdzv_endpoint)
     run_torchrun(command, log=log, env={"MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": tracking_uri(data_root)})
+
+
+def launch_training(module: str, worker: Callable[[Path], Any], job_path: Path, train: TrainConfig, run_id: str,
+                    data_root: Path, exported: Path, summary_path: Path, checkpoint_dir: Path,
+                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """:func:`launch_workers`, then the training summary rank 0 wrote beside its export.
+
+    Raises:
+        RuntimeError: no export, i.e. training stopped before its last step; the message names the
+            checkpoint folder a rerun resumes from.
+    """
+    launch_workers(module, worker, job_path, train, run_id, data_root, log=log)
+    if not exported.is_file():
+        raise RuntimeError(f"{module}: training stopped before step {train.steps}; run again to resume from the "
+                           f"newest checkpoint in {checkpoint_dir}")
+    return json.loads(summary_path.read_text())
+
+
+def loss_ends(losses: list[float], max_window: int) -> dict[str, float]:
+    """Mean loss over the first and the last few steps (a quarter of them, at most ``max_window``)."""
+    window = max(1, min(max_window, len(losses) // 4))
+    return {"first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window}
 
 
 def run_rank(worker: Callable[[Path], Any], job_path: str) -> None:

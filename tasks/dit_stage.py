@@ -21,7 +21,7 @@ from models.dit import DiT, dit_from_name
 from models.vae import parameter_fingerprint
 from tasks.checkpoint import save_torch_atomic
 from tasks.config import DiTConfig, OptimConfig, TrainConfig
-from tasks.distributed import init_distributed, launch_workers, run_rank, shutdown_distributed
+from tasks.distributed import init_distributed, launch_training, loss_ends, run_rank, shutdown_distributed
 from tasks.engine import TrainJob, seed_everything, train
 from tasks.finetune import build_encoder, train_classifier
 from tasks.latents import latent_batches, load_latents
@@ -187,12 +187,10 @@ def run(config: DiTConfig, inputs: list[StageResult], context: StageContext) -> 
     world = config.train.nproc_per_node * config.train.nnodes
     with stage_run(STAGE, context.data_root, context.parent_run_id,
                    params={**config.model_dump(mode="json"), "world_size": world}, system_metrics=True) as tracked:
-        launch_workers("tasks.dit_stage", train_worker, job_path, config.train, tracked.info.run_id,
-                       context.data_root, log=log.info)
-        if not (output_dir / "dit.pt").is_file():
-            raise RuntimeError(f"{STAGE}: training stopped before step {config.train.steps}; run again to resume "
-                               f"from the newest checkpoint in {output_dir / 'checkpoints'}")
-        summary = json.loads((output_dir / "train_summary.json").read_text())
+        summary = launch_training("tasks.dit_stage", train_worker, job_path, config.train, tracked.info.run_id,
+                                  context.data_root, exported=output_dir / "dit.pt",
+                                  summary_path=output_dir / "train_summary.json",
+                                  checkpoint_dir=output_dir / "checkpoints", log=log.info)
         model.load_state_dict(torch.load(output_dir / "dit.pt", map_location="cpu"))  # the EMA weights
         ema = model
 
@@ -204,10 +202,7 @@ def run(config: DiTConfig, inputs: list[StageResult], context: StageContext) -> 
         log_image(image_grid(generated[sample_labels.argsort(stable=True)][: 8 * len(classes)], 8), "samples_final.png")
         if parameter_fingerprint(vae) != fingerprint:
             raise RuntimeError(f"the frozen VAE from {vae_result.output_dir} changed during DiT training")
-        losses = summary["losses"]
-        window = max(1, min(20, len(losses) // 4))
-        metrics = {"first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window,
-                   "latents_per_s": summary["images_per_s"], "train_wall_s": summary["wall_s"], **scores}
+        metrics = {**loss_ends(summary["losses"], 20), "latents_per_s": summary["images_per_s"], "train_wall_s": summary["wall_s"], **scores}
         mlflow.log_metrics(metrics)
         mlflow.set_tag("quality.classifier", source)
         outputs: dict[str, Any] = {"dit": {"path": "dit.pt", "sha256": sha256_file(output_dir / "dit.pt")},

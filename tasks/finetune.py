@@ -25,7 +25,7 @@ from data_shards.loader import LoaderSpec, evaluation_batches, training_batches
 from models.vit import VisionTransformer, vit_from_name
 from tasks.checkpoint import save_torch_atomic
 from tasks.config import TrainConfig
-from tasks.distributed import DistInfo, init_distributed, launch_workers, run_rank, shutdown_distributed
+from tasks.distributed import DistInfo, init_distributed, launch_training, run_rank, shutdown_distributed
 from tasks.engine import TrainJob, TrainSummary, no_weight_decay, seed_everything, train
 
 
@@ -159,14 +159,13 @@ def run_finetune(job: FinetuneJob, job_path: Path, run_id: str, data_root: Path,
         RuntimeError: training stopped before its last step (a rerun resumes from the checkpoints).
     """
     write_json_atomic(job_path, dataclasses.asdict(job))
-    launch_workers("tasks.finetune", finetune_worker, job_path, TrainConfig.model_validate(job.train), run_id,
-                   data_root, log=log)
     weights = Path(job.weights_path)
-    if not weights.is_file():
-        raise RuntimeError(f"fine-tuning stopped before its last step; run again to resume from {job.checkpoint_dir}")
+    summary = launch_training("tasks.finetune", finetune_worker, job_path, TrainConfig.model_validate(job.train),
+                              run_id, data_root, exported=weights, summary_path=weights.with_suffix(".summary.json"),
+                              checkpoint_dir=Path(job.checkpoint_dir), log=log)
     model = build_encoder(job.architecture, num_classes=job.num_classes)
     model.load_state_dict(torch.load(weights, map_location="cpu"))
-    return model, json.loads(weights.with_suffix(".summary.json").read_text())
+    return model, summary
 
 
 @torch.no_grad()

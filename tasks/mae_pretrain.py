@@ -20,7 +20,7 @@ from data_shards.loader import LoaderSpec, evaluation_batches, split_shards, tra
 from models.mae import MaskedAutoencoder, denormalize_pred, mae_from_name, reconstruction_grid
 from tasks.checkpoint import save_torch_atomic
 from tasks.config import MAEConfig
-from tasks.distributed import init_distributed, launch_workers, run_rank, shutdown_distributed
+from tasks.distributed import init_distributed, launch_training, loss_ends, run_rank, shutdown_distributed
 from tasks.engine import TrainJob, TrainSummary, seed_everything, train
 from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
 from tasks.tracking import log_image, stage_run
@@ -132,16 +132,11 @@ def run(config: MAEConfig, inputs: list[StageResult], context: StageContext) -> 
     world = config.train.nproc_per_node * config.train.nnodes
     params = {**config.model_dump(mode="json"), "in_chans": geometry["channels"], "world_size": world}
     with stage_run(STAGE, context.data_root, context.parent_run_id, params=params, system_metrics=True) as tracked:
-        launch_workers("tasks.mae_pretrain", train_worker, job_path, config.train, tracked.info.run_id,
-                       context.data_root, log=log.info)
-        if not (output_dir / "encoder.pt").is_file():
-            raise RuntimeError(f"{STAGE}: training stopped before step {config.train.steps}; run again to resume "
-                               f"from the newest checkpoint in {output_dir / 'checkpoints'}")
-        summary = json.loads((output_dir / "train_summary.json").read_text())
-        losses = summary["losses"]
-        window = max(1, min(10, len(losses) // 4))
-        metrics = {"first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window,
-                   "images_per_s": summary["images_per_s"], "train_wall_s": summary["wall_s"],
+        summary = launch_training("tasks.mae_pretrain", train_worker, job_path, config.train, tracked.info.run_id,
+                                  context.data_root, exported=output_dir / "encoder.pt",
+                                  summary_path=output_dir / "train_summary.json",
+                                  checkpoint_dir=output_dir / "checkpoints", log=log.info)
+        metrics = {**loss_ends(summary["losses"], 10), "images_per_s": summary["images_per_s"], "train_wall_s": summary["wall_s"],
                    "steps": float(summary["steps"]), "resumed_from_step": float(summary["resumed_from"])}
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(output_dir / "encoder.pt"))
