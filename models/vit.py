@@ -267,9 +267,17 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(imgs)  # (N, L, D)
         return x + self.pos_embed[:, 1:, :]  # (N, L, D)
 
-    def _prepend_class_token(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+    def _normed_block_outputs(self, patch_tokens: torch.Tensor, count: int) -> list[torch.Tensor]:
+        """Prepend the class token, run every block, and return the last ``count`` outputs, each
+        through the final LayerNorm: (N, K, D) -> count x (N, 1 + K, D)."""
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(patch_tokens.shape[0], -1, -1)  # (N, 1, D)
-        return torch.cat([cls, patch_tokens], dim=1)  # (N, 1 + K, D)
+        hidden = torch.cat([cls, patch_tokens], dim=1)  # (N, 1 + K, D)
+        outputs = []
+        for index, block in enumerate(self.blocks):
+            hidden = block(hidden)  # (N, 1 + K, D)
+            if index >= len(self.blocks) - count:
+                outputs.append(self.norm(hidden))
+        return outputs
 
     def forward_tokens(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """Any subset of position-embedded patch tokens (N, K, D) -> final-normed (N, 1 + K, D).
@@ -277,10 +285,7 @@ class VisionTransformer(nn.Module):
         Positions are already in the tokens, so the blocks work on whichever patches the caller kept;
         this is what lets the MAE encoder run on visible patches only.
         """
-        x = self._prepend_class_token(patch_tokens)  # (N, 1 + K, D)
-        for block in self.blocks:
-            x = block(x)  # (N, 1 + K, D)
-        return self.norm(x)  # (N, 1 + K, D)
+        return self._normed_block_outputs(patch_tokens, 1)[0]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (N, C, H, W) -> final-normed tokens (N, 1 + L, D), class token first."""
@@ -296,13 +301,7 @@ class VisionTransformer(nn.Module):
         """
         if not 1 <= count <= len(self.blocks):
             raise ValueError(f"count must be in [1, {len(self.blocks)}] (the encoder's depth), got {count}")
-        hidden = self._prepend_class_token(self.embed_patches(x))  # (N, 1 + L, D)
-        outputs = []
-        for index, block in enumerate(self.blocks):
-            hidden = block(hidden)  # (N, 1 + L, D)
-            if index >= len(self.blocks) - count:
-                outputs.append(self.norm(hidden))
-        return outputs
+        return self._normed_block_outputs(self.embed_patches(x), count)
 
     def pool(self, tokens: torch.Tensor, how: str | None = None) -> torch.Tensor:
         """Tokens (N, 1 + L, D) -> one vector per image (N, D).

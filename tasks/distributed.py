@@ -101,30 +101,24 @@ def run_torchrun(command: list[str], log: Callable[[str], None] | None = None, e
         raise RuntimeError(f"torchrun exited with code {code}; last output:\n" + "\n".join(tail))
 
 
-def launch_workers(module: str, worker: Callable[[Path], Any], job_path: Path, train: TrainConfig,
-                   run_id: str, data_root: Path, log: Callable[[str], None] | None = None) -> None:
-    """Run a stage's ``worker(job_path)``: in this process for one rank, else on every torchrun rank.
-
-    ``module`` must call :func:`run_rank` with the same worker under ``__main__``; rank 0 then logs
-    into the stage's MLflow run ``run_id``.
-    """
-    if train.nproc_per_node * train.nnodes == 1:
-        worker(job_path)
-        return
-    command = torchrun_command(module, [str(job_path)], train.nproc_per_node, train.nnodes, train.rdzv_endpoint)
-    run_torchrun(command, log=log, env={"MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": tracking_uri(data_root)})
-
-
 def launch_training(module: str, worker: Callable[[Path], Any], job_path: Path, train: TrainConfig, run_id: str,
                     data_root: Path, exported: Path, summary_path: Path, checkpoint_dir: Path,
                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """:func:`launch_workers`, then the training summary rank 0 wrote beside its export.
+    """Run a stage's ``worker(job_path)`` in this process for one rank, else on every torchrun rank,
+    and return the training summary rank 0 wrote beside its export.
+
+    ``module`` must call :func:`run_rank` with the same worker under ``__main__``; rank 0 then logs
+    into the stage's MLflow run ``run_id``.
 
     Raises:
         RuntimeError: no export, i.e. training stopped before its last step; the message names the
             checkpoint folder a rerun resumes from.
     """
-    launch_workers(module, worker, job_path, train, run_id, data_root, log=log)
+    if train.nproc_per_node * train.nnodes == 1:
+        worker(job_path)
+    else:
+        command = torchrun_command(module, [str(job_path)], train.nproc_per_node, train.nnodes, train.rdzv_endpoint)
+        run_torchrun(command, log=log, env={"MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": tracking_uri(data_root)})
     if not exported.is_file():
         raise RuntimeError(f"{module}: training stopped before step {train.steps}; run again to resume from the "
                            f"newest checkpoint in {checkpoint_dir}")

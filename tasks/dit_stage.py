@@ -155,9 +155,7 @@ def train_worker(job_path: Path) -> None:
     if dist.is_main and summary.steps == config.train.steps:
         ema = summary.ema if summary.ema is not None else model
         save_torch_atomic(output_dir / "dit.pt", {k: v.cpu() for k, v in ema.state_dict().items()})
-        write_json_atomic(output_dir / "train_summary.json", {
-            "steps": summary.steps, "losses": summary.losses, "images_per_s": summary.images_per_s,
-            "wall_s": summary.wall_s, "world_size": dist.world_size})
+        write_json_atomic(output_dir / "train_summary.json", summary.record(dist.world_size))
     shutdown_distributed()
 
 
@@ -191,8 +189,8 @@ def run(config: DiTConfig, inputs: list[StageResult], context: StageContext) -> 
                                   context.data_root, exported=output_dir / "dit.pt",
                                   summary_path=output_dir / "train_summary.json",
                                   checkpoint_dir=output_dir / "checkpoints", log=log.info)
-        model.load_state_dict(torch.load(output_dir / "dit.pt", map_location="cpu"))  # the EMA weights
-        ema = model
+        ema = model  # the stage's copy takes the EMA weights rank 0 exported
+        ema.load_state_dict(torch.load(output_dir / "dit.pt", map_location="cpu"))
 
         classifier, source = scoring_classifier(inputs, shards, image_size, config, len(classes), output_dir)
         sample_labels = torch.arange(len(classes)).repeat_interleave(config.samples_per_class)

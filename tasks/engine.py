@@ -64,6 +64,11 @@ class TrainSummary:
     wall_s: float
     ema: nn.Module | None = None
 
+    def record(self, world_size: int) -> dict[str, Any]:
+        """What a stage keeps of a run (JSON-ready): everything but the EMA model, plus the world size."""
+        return {"steps": self.steps, "resumed_from": self.resumed_from, "losses": self.losses,
+                "images_per_s": self.images_per_s, "wall_s": self.wall_s, "world_size": world_size}
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)

@@ -144,9 +144,7 @@ def finetune_worker(job_path: Path) -> TrainSummary:
                                job.label_smoothing, log_metrics=log_metrics, stop_after=job.stop_after, dist=dist)
     if dist.is_main and summary.steps == train_config.steps:
         save_torch_atomic(Path(job.weights_path), {k: v.cpu() for k, v in model.state_dict().items()})
-        write_json_atomic(Path(job.weights_path).with_suffix(".summary.json"),
-                          {"steps": summary.steps, "wall_s": summary.wall_s, "images_per_s": summary.images_per_s,
-                           "world_size": dist.world_size})
+        write_json_atomic(Path(job.weights_path).with_suffix(".summary.json"), summary.record(dist.world_size))
     shutdown_distributed()
     return summary
 

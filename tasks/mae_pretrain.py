@@ -103,17 +103,15 @@ def train_worker(job_path: Path) -> TrainSummary:
     )
     summary = train(job)
     if dist.is_main and summary.steps == config.train.steps:
-        _export(model, output_dir, summary)
+        _export(model, output_dir, summary, dist.world_size)
     shutdown_distributed()
     return summary
 
 
-def _export(model: MaskedAutoencoder, output_dir: Path, summary: TrainSummary) -> None:
+def _export(model: MaskedAutoencoder, output_dir: Path, summary: TrainSummary, world_size: int) -> None:
     for name, module in (("encoder.pt", model.encoder), ("mae.pt", model)):
         save_torch_atomic(output_dir / name, {k: v.cpu() for k, v in module.state_dict().items()})
-    write_json_atomic(output_dir / "train_summary.json", {
-        "steps": summary.steps, "resumed_from": summary.resumed_from, "losses": summary.losses,
-        "images_per_s": summary.images_per_s, "wall_s": summary.wall_s})
+    write_json_atomic(output_dir / "train_summary.json", summary.record(world_size))
 
 
 def run(config: MAEConfig, inputs: list[StageResult], context: StageContext) -> StageResult:

@@ -208,7 +208,8 @@ def test_features_of_last_blocks_concatenate_normed_block_outputs():
     outputs = encoder.forward_last_blocks(images, 3)
     assert len(outputs) == 3 and all(o.shape == (4, 5, 16) for o in outputs)
     torch.testing.assert_close(outputs[-1], encoder.forward_features(images))  # the last block is the usual feature
-    hidden = encoder._prepend_class_token(encoder.embed_patches(images))
+    cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(4, -1, -1)
+    hidden = torch.cat([cls, encoder.embed_patches(images)], dim=1)
     torch.testing.assert_close(outputs[0], encoder.norm(encoder.blocks[0](hidden)))  # each through the final norm
 
     single = extract_features(encoder, [{"image": images, "label": torch.arange(4)}])
