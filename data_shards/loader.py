@@ -1,13 +1,19 @@
 """Streaming loader over the shards, for training (infinite, shuffled) and evaluation (one pass).
 
 Every (rank, worker) pair is a *slot*. Each epoch the shard list is permuted with a seed derived
-from (seed, epoch); with at least as many shards as slots, shards are dealt to slots round-robin,
-otherwise every slot reads all shards and keeps every n-th sample. Either way the slots see
-disjoint samples whose union is the split, and the same seed gives the same batches.
+from (seed, epoch) and laid end to end; slot i reads the i-th contiguous run of samples of that
+sequence, sized by the manifest's per-shard sample counts. So every slot gets the same number of
+samples (training drops the few left over, a different few each epoch; evaluation keeps them all),
+ranks never drift apart at epoch ends, and the same seed gives the same batches.
+
+Every shard is checked against the manifest beside it: a shard that yields fewer (or more) samples
+than the manifest lists raises :class:`ShardError` naming it. A tar cut at a member boundary or with
+a damaged header mid-file otherwise reads as a valid, shorter archive.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -22,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms import v2
 
 log = logging.getLogger("patchflow.loader")
 
@@ -47,6 +54,7 @@ class LoaderSpec:
     image_size: int | None = None
     channels: int = 1
     augment: Literal["none", "flip", "crop_flip"] = "none"
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range (MAE's pretraining crop)
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     on_error: Literal["raise", "skip"] = "raise"
@@ -64,8 +72,37 @@ def split_shards(manifest_path: str | Path, split: str) -> tuple[str, ...]:
     return tuple(str(manifest_path.parent / shard["name"]) for shard in splits[split]["shards"])
 
 
+@functools.lru_cache(maxsize=64)
+def _manifest_counts(manifest_path: str, mtime_ns: int) -> dict[str, int]:
+    splits = json.loads(Path(manifest_path).read_text())["outputs"]["splits"]
+    return {shard["name"]: int(shard["samples"]) for split in splits.values() for shard in split["shards"]}
+
+
+def shard_sample_counts(shard_paths: tuple[str, ...]) -> tuple[int, ...]:
+    """Each shard's sample count, as listed in the ``manifest.json`` written beside it.
+
+    Raises:
+        ShardError: a shard has no manifest beside it, or its manifest does not list it.
+    """
+    counts = []
+    for path in shard_paths:
+        manifest = Path(path).parent / "manifest.json"
+        try:
+            listed = _manifest_counts(str(manifest), manifest.stat().st_mtime_ns)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ShardError(f"shard {path}: no readable manifest beside it ({manifest}: {exc}); "
+                             f"the loader needs its sample count to detect truncation") from None
+        if Path(path).name not in listed:
+            raise ShardError(f"shard {path}: not listed in {manifest}")
+        counts.append(listed[Path(path).name])
+    return tuple(counts)
+
+
 def iterate_tar(path: str) -> Iterator[dict[str, Any]]:
-    """Group a tar's members into samples by key (the member name up to its first dot)."""
+    """Group a tar's members into samples by key (the member name up to its first dot).
+
+    No count check: :func:`read_shard` is the reader that verifies against the manifest.
+    """
     current: dict[str, Any] = {}
     try:
         with tarfile.open(path, mode="r|") as stream:
@@ -84,6 +121,50 @@ def iterate_tar(path: str) -> Iterator[dict[str, Any]]:
         yield current
 
 
+def read_shard(path: str, expected: int, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any]]:
+    """Samples ``start`` to ``stop`` of a shard that its manifest says holds ``expected`` samples.
+
+    Raises:
+        ShardError: the tar ends before ``stop`` (or, read to its end, holds another count than
+            ``expected``): a truncated shard or a damaged header, never a silently shorter epoch.
+    """
+    stop = expected if stop is None else stop
+    index = 0
+    for sample in iterate_tar(path):
+        if index >= stop and stop < expected:
+            return
+        if index >= expected:
+            raise ShardError(f"shard {path}: holds more than the {expected} samples its manifest lists "
+                             f"(key {sample['__key__']!r}); the shard was replaced after it was written")
+        if index >= start:
+            yield sample
+        index += 1
+    if index < stop:
+        raise ShardError(f"shard {path}: the manifest lists {expected} samples but the tar ends after {index} "
+                         f"(truncated, or a damaged header mid-file); re-run the shard stage to rewrite it")
+
+
+def slot_pieces(counts: list[int], order: list[int], slot: int, slots: int, equal: bool) -> list[tuple[int, int, int]]:
+    """``(shard, start, stop)`` runs making up one slot's share of the shards laid end to end in ``order``.
+
+    ``equal`` gives every slot ``total // slots`` samples (the remainder is dropped), so ranks run the
+    same number of batches; otherwise the shares cover every sample and differ by at most one.
+    """
+    total = sum(counts)
+    if equal:
+        share = total // slots
+        first, last = slot * share, (slot + 1) * share
+    else:
+        first, last = slot * total // slots, (slot + 1) * total // slots
+    pieces, offset = [], 0
+    for shard in order:
+        low, high = max(first, offset), min(last, offset + counts[shard])
+        if low < high:
+            pieces.append((shard, low - offset, high - offset))
+        offset += counts[shard]
+    return pieces
+
+
 def decode_image(sample: dict[str, Any], channels: int) -> torch.Tensor:
     """(C, H, W) uint8 tensor from the sample's image member."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
@@ -95,19 +176,22 @@ def decode_image(sample: dict[str, Any], channels: int) -> torch.Tensor:
     return tensor.view(image.height, image.width, channels).permute(2, 0, 1)
 
 
+@functools.lru_cache(maxsize=8)
+def _augmenter(augment: str, size: tuple[int, int], crop_scale: tuple[float, float]) -> v2.Transform:
+    flip = v2.RandomHorizontalFlip(p=0.5)
+    if augment == "flip":
+        return flip
+    # MAE's pretraining crop: RandomResizedCrop(scale=(0.2, 1)) with the default 3/4–4/3 aspect jitter.
+    return v2.Compose([v2.RandomResizedCrop(size, scale=crop_scale, antialias=True), flip])
+
+
 def _augment(image: torch.Tensor, spec: LoaderSpec, rng: random.Random) -> torch.Tensor:
-    if spec.augment == "crop_flip":
-        # Random-resized-crop lite: scale 0.35–1 of the area, as MAE's pretraining recipe.
-        _, height, width = image.shape
-        area = height * width * rng.uniform(0.35, 1.0)
-        side_h = min(height, max(1, int(round(area ** 0.5))))
-        side_w = min(width, max(1, int(round(area / side_h))))
-        top, left = rng.randint(0, height - side_h), rng.randint(0, width - side_w)
-        image = image[:, top:top + side_h, left:left + side_w]
-        image = F.interpolate(image[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-    if spec.augment in ("flip", "crop_flip") and rng.random() < 0.5:
-        image = image.flip(-1)
-    return image
+    """torchvision's v2 transforms draw from torch's global RNG; seeding a forked copy of it from the
+    slot's own stream keeps augmentation reproducible (exact resume) without touching the model's RNG."""
+    transform = _augmenter(spec.augment, tuple(image.shape[-2:]), tuple(spec.crop_scale))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(rng.getrandbits(63))
+        return transform(image)
 
 
 def to_model_input(image: torch.Tensor, spec: LoaderSpec, rng: random.Random | None = None) -> torch.Tensor:
@@ -115,7 +199,7 @@ def to_model_input(image: torch.Tensor, spec: LoaderSpec, rng: random.Random | N
     image = image.float().div_(255.0)
     if spec.image_size is not None and tuple(image.shape[-2:]) != (spec.image_size, spec.image_size):
         image = F.interpolate(image[None], size=(spec.image_size,) * 2, mode="bilinear", align_corners=False, antialias=True)[0]
-    if rng is not None:
+    if rng is not None and spec.augment != "none":
         image = _augment(image, spec, rng)
     mean = torch.tensor(spec.mean).view(-1, 1, 1)
     std = torch.tensor(spec.std).view(-1, 1, 1)
@@ -130,6 +214,7 @@ class ShardStream(IterableDataset):
         if not spec.shard_paths:
             raise ValueError("no shards to read")
         self.spec = spec
+        self.counts = shard_sample_counts(spec.shard_paths)  # fails here, before any worker starts
         self.skipped = 0
 
     def _slot(self) -> tuple[int, int]:
@@ -139,20 +224,13 @@ class ShardStream(IterableDataset):
         return self.spec.rank * workers + worker, self.spec.world_size * workers
 
     def _raw_samples(self, slot: int, slots: int) -> Iterator[tuple[str, dict[str, Any]]]:
-        shards = list(self.spec.shard_paths)
+        order = list(range(len(self.spec.shard_paths)))
         if self.spec.shuffle:
-            random.Random(self.spec.seed * 1_000_003 + self.spec.epoch).shuffle(shards)
-        if len(shards) >= slots:
-            for path in shards[slot::slots]:
-                for sample in iterate_tar(path):
-                    yield path, sample
-            return
-        index = 0
-        for path in shards:
-            for sample in iterate_tar(path):
-                if index % slots == slot:
-                    yield path, sample
-                index += 1
+            random.Random(self.spec.seed * 1_000_003 + self.spec.epoch).shuffle(order)
+        for shard, start, stop in slot_pieces(list(self.counts), order, slot, slots, equal=self.spec.drop_last):
+            path = self.spec.shard_paths[shard]
+            for sample in read_shard(path, self.counts[shard], start, stop):
+                yield path, sample
 
     def _shuffled(self, samples: Iterator[Any], rng: random.Random) -> Iterator[Any]:
         if not self.spec.shuffle or self.spec.shuffle_buffer <= 1:

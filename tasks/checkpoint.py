@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import random
 import re
 from pathlib import Path
@@ -14,10 +15,30 @@ import torch
 from data_shards.atomic import write_bytes_atomic
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})\.pt$")
+log = logging.getLogger("patchflow.checkpoint")
 
 
 class CheckpointMismatch(ValueError):
     """A checkpoint written for another model config than the one asked to resume."""
+
+
+class DamagedFileError(ValueError):
+    """A weights or checkpoint file that torch cannot load (truncated, overwritten, not a torch file)."""
+
+
+def load_torch_file(path: Path, weights_only: bool = True) -> Any:
+    """``torch.load`` onto the CPU, but a damaged file raises :class:`DamagedFileError` naming it.
+
+    torch's own message ("PytorchStreamReader failed reading zip archive…") never says which file.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError… for a damaged file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DamagedFileError(f"{path}: damaged or not a torch file ({reason}); delete it and run the stage "
+                               f"that wrote it again") from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -64,15 +85,34 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -
 
 
 def load_latest(folder: Path, signature: dict[str, Any]) -> dict[str, Any] | None:
-    """The newest checkpoint, after checking it was written for the same model ``signature``."""
+    """The newest checkpoint that loads, after checking it was written for the same model ``signature``.
+
+    A damaged newest checkpoint (a disk that filled, a copy cut short) is named in a warning and
+    the next older one is tried, so a run resumes from the last good state instead of failing forever.
+
+    Raises:
+        DamagedFileError: every checkpoint in ``folder`` is damaged.
+        CheckpointMismatch: the newest loadable checkpoint belongs to another model config.
+    """
     checkpoints = list_checkpoints(folder)
-    if not checkpoints:
-        return None
-    path = checkpoints[-1]
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    saved = state.get("signature", {})
+    damaged = []
+    for path in reversed(checkpoints):
+        try:
+            state = load_torch_file(path, weights_only=False)
+        except DamagedFileError as exc:
+            log.warning("%s; trying the next older checkpoint", exc)
+            damaged.append(path.name)
+            continue
+        _check_signature(path, state.get("signature", {}), signature)
+        return state
+    if damaged:
+        raise DamagedFileError(f"{folder}: every checkpoint is damaged ({', '.join(damaged)}); delete the folder "
+                               f"to train from step 0")
+    return None
+
+
+def _check_signature(path: Path, saved: dict[str, Any], signature: dict[str, Any]) -> None:
     if saved != signature:
         differing = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
         details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {signature.get(k)!r}" for k in differing)
         raise CheckpointMismatch(f"{path} was written for another model ({details}); delete it or restore the config")
-    return state

@@ -160,22 +160,22 @@ def train(job: TrainJob) -> TrainSummary:
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
-        saved_rng = state["rng"]
-        if isinstance(saved_rng, list):  # one per rank; a different world size cannot replay the same streams
-            saved_rng = saved_rng[dist.rank] if dist.rank < len(saved_rng) else None
+        saved_rng = _this_rank(state["rng"], dist)
         if saved_rng is not None:
             restore_rng_state(saved_rng)
-        step, epoch, position, losses = state["step"], state["epoch"], state["position"], list(state["losses"])
+        # Each rank resumes its own data position (older checkpoints kept rank 0's only).
+        epoch, position = _this_rank(state.get("data_positions"), dist) or (state["epoch"], state["position"])
+        step, losses = state["step"], list(state["losses"])
         log.info("resuming from step %d (epoch %d, batch %d) in %s", step, epoch, position, job.checkpoint_dir)
     resumed_from = step
 
     def checkpoint() -> None:
-        rngs = _gather_rng_states(dist)
+        rngs, positions = _gather_from_ranks(rng_state(), dist), _gather_from_ranks((epoch, position), dist)
         if dist.is_main:
             save_checkpoint(job.checkpoint_dir, step, {
                 "model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None, "rng": rngs, "step": step, "epoch": epoch,
-                "position": position, "losses": losses, "signature": job.signature,
+                "position": position, "data_positions": positions, "losses": losses, "signature": job.signature,
             }, keep=cfg.keep_checkpoints)
 
     stream = job.batches(epoch, position)
@@ -226,11 +226,22 @@ def train(job: TrainJob) -> TrainSummary:
                         images_per_s=images / max(wall, 1e-9), wall_s=wall, ema=ema)
 
 
-def _gather_rng_states(dist: DistInfo) -> Any:
-    """Every rank's RNG state (each rank masks and augments with its own stream)."""
+def _gather_from_ranks(value: Any, dist: DistInfo) -> list[Any]:
+    """Every rank's ``value`` (RNG states, data positions), in rank order, on every rank."""
     if not dist.distributed:
-        return rng_state()
+        return [value]
     gathered: list[Any] = [None] * dist.world_size
-    torch.distributed.all_gather_object(gathered, rng_state())
+    torch.distributed.all_gather_object(gathered, value)
     return gathered
 
+
+def _this_rank(saved: Any, dist: DistInfo) -> Any:
+    """This rank's entry of a per-rank list saved by a run of the same world size, else None
+    (another world size cannot replay the same streams). A bare value is a single-process save."""
+    if not isinstance(saved, list):
+        return saved if not dist.distributed else None
+    if len(saved) != dist.world_size:
+        log.warning("checkpoint was written by %d process(es), this run has %d: data order and random streams "
+                    "continue from rank 0's position, not bit-identically", len(saved), dist.world_size)
+        return None
+    return saved[dist.rank]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from pathlib import Path
+from typing import TypeVar
 
 import mlflow
 
@@ -20,6 +22,13 @@ from tasks.tracking import stage_run
 
 STAGE = "shard"
 log = logging.getLogger("patchflow.shard")
+T = TypeVar("T")
+
+
+def shuffled(samples: list[T], seed: int, split: str) -> list[T]:
+    """The split's samples in a permutation fixed by ``seed`` and the split's name (writes stay deterministic)."""
+    order = random.Random(f"{seed}/{split}").sample(range(len(samples)), len(samples))
+    return [samples[i] for i in order]
 
 
 def run(config: ShardConfig, inputs: list[StageResult], context: StageContext) -> StageResult:
@@ -32,8 +41,11 @@ def run(config: ShardConfig, inputs: list[StageResult], context: StageContext) -
 
     started = time.perf_counter()
     source = open_source(config.source, context.data_root, seed=config.seed)
-    # Every image is encoded (and so checked) before the first shard is written.
-    encoded = {split: encode_all(samples, config.workers) for split, samples in source.splits.items()}
+    # Every image is encoded (and so checked) before the first shard is written, in a seeded
+    # shuffled order: sources list files sorted by path, so an image folder laid out class by class
+    # would otherwise give one class per shard, which no shuffle buffer can undo.
+    encoded = {split: encode_all(shuffled(samples, config.seed, split), config.workers)
+               for split, samples in source.splits.items()}
     encode_seconds = time.perf_counter() - started
 
     with stage_run(STAGE, context.data_root, context.parent_run_id, params=config.model_dump(mode="json")) as tracked:

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from models.vit import VisionTransformer
 from tasks import mae_pretrain
-from tasks.checkpoint import CheckpointMismatch, list_checkpoints, save_checkpoint
+from tasks.checkpoint import CheckpointMismatch, DamagedFileError, list_checkpoints, load_latest, load_torch_file, save_checkpoint
 from tasks.config import MAEConfig, OptimConfig, TrainConfig
 from tasks.distributed import DistInfo
 from tasks.engine import NonFiniteLossError, TrainJob, default_param_groups, lr_factor, peak_learning_rate, train, wrap_model
@@ -53,16 +53,47 @@ def test_norms_biases_and_tokens_are_not_decayed():
     assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_loss_curve(shards, tmp_path):
+def _curve(result) -> dict:
+    return json.loads((Path(result.output_dir) / "train_summary.json").read_text())
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_loss_curve(shards, tmp_path, caplog):
     config = _mae_config()
     straight = _pretrain(shards, tmp_path / "straight", config)
     with pytest.raises(RuntimeError, match="run again to resume"):
-        _pretrain(shards, tmp_path / "killed", config, stop_after=5)  # dies after step 5; newest checkpoint: step 3
+        _pretrain(shards, tmp_path / "killed", config, stop_after=7)  # dies after step 7; checkpoints: steps 3, 6
+    newest = list_checkpoints(tmp_path / "killed" / "stages" / "mae_pretrain" / Path(straight.output_dir).name / "checkpoints")[-1]
+    newest.write_bytes(newest.read_bytes()[:5000])  # the newest checkpoint is damaged: the older one is used
     resumed = _pretrain(shards, tmp_path / "killed", config)
-    curve = lambda r: json.loads((Path(r.output_dir) / "train_summary.json").read_text())
-    assert curve(resumed)["resumed_from"] == 3
-    assert curve(resumed)["losses"] == curve(straight)["losses"]  # bit-identical on CPU with a fixed seed
+    assert f"{newest}: damaged" in caplog.text
+    assert _curve(resumed)["resumed_from"] == 3
+    assert _curve(resumed)["losses"] == _curve(straight)["losses"]  # bit-identical on CPU with a fixed seed
     assert [p.name for p in list_checkpoints(Path(resumed.output_dir) / "checkpoints")] == ["step-00000006.pt", "step-00000008.pt"]
+
+
+def test_every_checkpoint_damaged_is_named(tmp_path):
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, {"signature": {}}, keep=2)
+        (tmp_path / f"step-{step:08d}.pt").write_bytes(b"not a torch file")
+    with pytest.raises(DamagedFileError, match=r"every checkpoint is damaged \(step-00000002\.pt, step-00000001\.pt\)"):
+        load_latest(tmp_path, {})
+    with pytest.raises(DamagedFileError, match=r"step-00000001\.pt: damaged or not a torch file"):
+        load_torch_file(tmp_path / "step-00000001.pt")
+
+
+@pytest.mark.slow
+def test_two_rank_kill_and_resume_ends_identical_to_an_uninterrupted_two_rank_run(tmp_path):
+    # 200 train samples in 7 shards (6 of 30, one of 20): whole shards dealt to 2 ranks give them unequal
+    # epochs, so by step 14 the ranks' data positions differ unless each rank's is saved and balanced.
+    uneven = make_shards(tmp_path / "shards", samples_per_shard=30)
+    config = _mae_config(steps=16, batch_size=8, checkpoint_every=4, nproc_per_node=2, num_workers=0, shuffle_buffer=16)
+    straight = _pretrain(uneven, tmp_path / "straight", config)
+    with pytest.raises(RuntimeError, match="torchrun exited|run again to resume"):
+        _pretrain(uneven, tmp_path / "killed", config, stop_after=14)
+    resumed = _pretrain(uneven, tmp_path / "killed", config)
+    assert _curve(resumed)["resumed_from"] == 12 and _curve(resumed)["losses"] == _curve(straight)["losses"]
+    weights = [torch.load(Path(r.output_dir) / "mae.pt") for r in (straight, resumed)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_short_real_run_lowers_the_loss_and_exports_a_loadable_encoder(shards, tmp_path):

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from PIL import Image
+
 from data_shards.loader import LoaderSpec, ShardError, epoch_loader, evaluation_batches, split_shards, training_batches
+from tasks.config import SourceConfig
 from tests.helpers import make_shards, manifest
 
 
@@ -68,21 +71,121 @@ def test_evaluation_pass_is_ordered_and_complete(shards):
 
 
 def _copy_shards(result, tmp_path) -> list[Path]:
+    """The train shards and their manifest, copied where a test may damage them."""
     paths = [Path(p) for p in split_shards(result.manifest_path, "train")]
+    shutil.copy(result.manifest_path, tmp_path / "manifest.json")
     copies = []
     for path in paths:
         copies.append(tmp_path / path.name)
         shutil.copy(path, copies[-1])
+        copies[-1].chmod(0o644)
     return copies
+
+
+def _member_offsets(path: Path) -> list[tuple[str, int]]:
+    """(member name, offset of its 512-byte header) for every member of a tar."""
+    with tarfile.open(path) as archive:
+        return [(member.name, member.offset) for member in archive]
+
+
+def _all_samples(spec: LoaderSpec) -> list[str]:
+    return [k for b in epoch_loader(spec, 0) for k in b["key"]]
 
 
 def test_truncated_shard_is_named(shards, tmp_path):
     copies = _copy_shards(shards, tmp_path)
-    data = copies[3].read_bytes()
-    copies[3].write_bytes(data[: len(data) // 2 + 100])
+    _, offset = _member_offsets(copies[3])[20]
+    copies[3].write_bytes(copies[3].read_bytes()[: offset + 512 + 100])  # cut inside a member's payload
     spec = LoaderSpec(shard_paths=tuple(map(str, copies)), batch_size=10, shuffle=False)
     with pytest.raises(ShardError, match=r"train-000003\.tar: corrupt or truncated tar"):
         list(epoch_loader(spec, 0))
+
+
+def test_shard_cut_at_a_member_boundary_is_an_error_not_a_shorter_epoch(shards, tmp_path):
+    copies = _copy_shards(shards, tmp_path)
+    members = _member_offsets(copies[5])
+    keys = list(dict.fromkeys(name.split(".")[0] for name, _ in members))
+    cut = next(offset for name, offset in members if name.startswith(keys[12] + "."))  # 12 whole samples remain
+    copies[5].write_bytes(copies[5].read_bytes()[:cut] + b"\0" * 1024)
+    spec = LoaderSpec(shard_paths=tuple(map(str, copies)), batch_size=10, shuffle=False, drop_last=False)
+    with pytest.raises(ShardError, match=r"train-000005\.tar: the manifest lists 25 samples but the tar ends after 12"):
+        _all_samples(spec)
+
+
+def test_damaged_header_mid_shard_is_an_error(shards, tmp_path):
+    copies = _copy_shards(shards, tmp_path)
+    members = _member_offsets(copies[1])
+    keys = list(dict.fromkeys(name.split(".")[0] for name, _ in members))
+    offset = next(offset for name, offset in members if name.startswith(keys[15] + "."))
+    data = bytearray(copies[1].read_bytes())
+    data[offset:offset + 512] = b"\xff" * 512  # tarfile takes an unreadable header mid-file for the end
+    copies[1].write_bytes(bytes(data))
+    spec = LoaderSpec(shard_paths=tuple(map(str, copies)), batch_size=10, num_workers=2, drop_last=False)
+    with pytest.raises(ShardError, match=r"train-000001\.tar: .*lists 25 samples but the tar ends after 15"):
+        _all_samples(spec)
+    # the same cut in training mode, spread over two ranks, still fails on the rank that reads it
+    ranks = [LoaderSpec(shard_paths=spec.shard_paths, batch_size=10, rank=r, world_size=2) for r in range(2)]
+    with pytest.raises(ShardError, match="train-000001"):
+        for rank_spec in ranks:
+            _all_samples(rank_spec)
+
+
+def test_shards_without_a_manifest_are_refused_before_reading(shards, tmp_path):
+    copies = _copy_shards(shards, tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(ShardError, match=r"train-000000\.tar: no readable manifest"):
+        epoch_loader(LoaderSpec(shard_paths=tuple(map(str, copies)), batch_size=10), 0)
+
+
+@pytest.mark.parametrize("world_size,workers", [(2, 1), (3, 2)])
+def test_every_rank_gets_the_same_number_of_samples_and_batches(shards, world_size, workers):
+    # 200 samples in 8 shards of 25: whole shards dealt to 3 ranks would give them 75, 75 and 50.
+    per_rank = [_keys_seen(_spec(shards, rank=r, world_size=world_size, num_workers=workers, batch_size=1))
+                for r in range(world_size)]
+    assert {len(keys) for keys in per_rank} == {200 // world_size}
+    assert len(set().union(*per_rank)) == 200 // world_size * world_size
+    positions = [[(e, i) for e, i, _ in islice(training_batches(_spec(shards, rank=r, world_size=world_size)), 25)]
+                 for r in range(world_size)]
+    assert all(p == positions[0] for p in positions)  # epochs end at the same batch on every rank
+
+
+def test_crop_is_torchvision_random_resized_crop_and_reproducible(shards):
+    spec = _spec(shards, augment="crop_flip", image_size=32, shuffle_buffer=1, crop_scale=(0.2, 1.0))
+    first, again = next(iter(epoch_loader(spec, 0))), next(iter(epoch_loader(spec, 0)))
+    assert torch.equal(first["image"], again["image"]) and first["key"] == again["key"]
+    plain = next(iter(epoch_loader(replace(spec, augment="none"), 0)))
+    assert first["key"] == plain["key"] and not torch.equal(first["image"], plain["image"])
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    next(iter(epoch_loader(spec, 0)))
+    assert torch.equal(torch.rand(1), before)  # augmentation leaves the model's random stream alone
+
+
+def _class_sorted_folder(root: Path, classes: int = 10, per_class: int = 30) -> Path:
+    """An image folder laid out train/<class>/*.png, as torchvision's ImageFolder expects."""
+    for label in range(classes):
+        folder = root / "train" / f"class{label:02d}"
+        folder.mkdir(parents=True)
+        for index in range(per_class):
+            Image.new("L", (8, 8), color=label * 20 + index % 7).save(folder / f"{index:03d}.png")
+    return root
+
+
+def test_image_folder_shards_and_batches_mix_the_classes(tmp_path):
+    folder = _class_sorted_folder(tmp_path / "images")
+    result = make_shards(tmp_path / "root", SourceConfig(kind="image_folder", path=str(folder), val_fraction=0.0),
+                         samples_per_shard=30)
+    shards_info = manifest(result)["outputs"]["splits"]["train"]["shards"]
+    assert len(shards_info) == 10
+    labels_per_shard = []
+    for shard in shards_info:
+        with tarfile.open(Path(result.output_dir) / shard["name"]) as archive:
+            labels_per_shard.append({archive.extractfile(m).read() for m in archive if m.name.endswith(".cls")})
+    assert min(len(labels) for labels in labels_per_shard) >= 7  # not one class per shard
+    spec = _spec(result, batch_size=32, shuffle_buffer=8)  # a buffer far smaller than the split, as at scale
+    batch = next(iter(epoch_loader(spec, 0)))
+    assert len(set(batch["label"].tolist())) >= 8
 
 
 def _corrupt_one_image(path: Path) -> str:
