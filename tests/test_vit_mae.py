@@ -17,16 +17,8 @@ from models.mae import (
     reconstruction_grid,
     unpatchify,
 )
-from models.vit import (
-    VIT_SIZES,
-    Attention,
-    DropPath,
-    PatchEmbed,
-    VisionTransformer,
-    param_count,
-    sincos_position_embedding_2d,
-    vit_from_name,
-)
+from models.layers import Attention, PatchEmbed, sincos_position_embedding_2d
+from models.vit import VIT_SIZES, DropPath, VisionTransformer, param_count, vit_from_name
 
 
 def nano_mae(**kwargs) -> MaskedAutoencoder:
@@ -282,3 +274,30 @@ def test_sdpa_attention_matches_manual_softmax() -> None:
     weights = F.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), dim=-1)  # (N, H, T, T)
     manual = attention.proj((weights @ v).transpose(1, 2).reshape(N, T, D))
     assert torch.allclose(attention(x), manual, atol=1e-5)
+
+
+def test_vit_mae_and_dit_share_one_set_of_layers() -> None:
+    from models import dit, layers, vit
+
+    # One class each: the ViT, the MAE decoder and DiT blocks all build from models/layers.py.
+    vit_block = vit.Block(32, 4)
+    dit_block = dit.DiTBlock(32, 4)
+    assert type(vit_block.attn) is type(dit_block.attn) is layers.Attention
+    assert type(vit_block.mlp) is type(dit_block.mlp) is layers.Mlp
+    assert type(vit_from_name("nano", img_size=16, patch_size=4).patch_embed) is layers.PatchEmbed
+    assert type(dit.dit_from_name("DiT-N/2", input_size=8, num_classes=2).x_embedder) is layers.PatchEmbed
+    # DiT keeps its tanh GELU, the ViT the exact one.
+    assert dit_block.mlp.act.approximate == "tanh" and vit_block.mlp.act.approximate == "none"
+    assert torch.equal(dit.get_2d_sincos_pos_embed(16, 3), sincos_position_embedding_2d(16, 3, cls_token=True)[1:])
+
+
+def test_vit_state_dict_keys_are_unchanged() -> None:
+    # Encoders exported before the shared layers existed must still load by name.
+    keys = set(vit_from_name("nano", img_size=16, patch_size=4, num_classes=2).state_dict())
+    expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
+                "norm.bias", "head.weight", "head.bias"}
+    for index in range(4):
+        expected |= {f"blocks.{index}.{name}" for name in (
+            "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+            "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")}
+    assert keys == expected
