@@ -62,7 +62,7 @@ def test_random_masking_keeps_exact_count_and_restores(mask_ratio: float, num_to
     generator = torch.Generator().manual_seed(0)
     x_visible, mask, ids_restore = random_masking(x, mask_ratio, generator)
 
-    len_keep = max(1, round(num_tokens * (1 - mask_ratio)))
+    len_keep = max(1, int(num_tokens * (1 - mask_ratio)))
     assert x_visible.shape == (N, len_keep, D)
     assert mask.shape == (N, num_tokens)
     assert torch.equal(mask.sum(dim=1), torch.full((N,), float(num_tokens - len_keep)))
@@ -77,6 +77,13 @@ def test_random_masking_keeps_exact_count_and_restores(mask_ratio: float, num_to
     visible_rows = torch.gather(x, 1, ids_shuffle[:, :len_keep, None].expand(-1, -1, D))
     assert torch.equal(visible_rows, x_visible)
     assert torch.all(torch.gather(mask, 1, ids_shuffle[:, :len_keep]) == 0)
+
+
+def test_kept_patch_count_truncates_as_mae_does() -> None:
+    # 28 px images, patch 4: L = 49 and 49 * 0.4 = 19.6. MAE keeps int(L * (1 - ratio)) = 19, not 20.
+    model = mae_from_name("nano", img_size=28, patch_size=4, in_chans=1, mask_ratio=0.6)
+    latent, mask, _ = model.forward_encoder(torch.randn(2, 1, 28, 28), 0.6)
+    assert latent.shape[1] == 1 + 19 and torch.all(mask.sum(dim=1) == 30)
 
 
 def test_random_masking_is_reproducible_with_generator() -> None:
@@ -95,7 +102,7 @@ def test_encoder_sees_only_visible_tokens() -> None:
     imgs = torch.randn(2, 1, 16, 16)
     for mask_ratio in (0.25, 0.75):
         latent, mask, ids_restore = model.forward_encoder(imgs, mask_ratio)
-        kept = round(16 * (1 - mask_ratio))
+        kept = int(16 * (1 - mask_ratio))
         assert latent.shape == (2, 1 + kept, 64)
         assert mask.shape == ids_restore.shape == (2, 16)
     loss, pred, mask = model(imgs)
