@@ -191,6 +191,10 @@ class MaskedAutoencoder(nn.Module):
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay besides norms and biases: positions and the class/mask tokens."""
+        return {"mask_token", "decoder_pos_embed"} | {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+
     @property
     def num_patches(self) -> int:
         return self.encoder.patch_embed.num_patches

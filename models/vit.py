@@ -161,6 +161,10 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         self.apply(init_transformer_weights)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay besides norms and biases (read by ``tasks/engine.py``)."""
+        return {"pos_embed", "cls_token"}
+
     def embed_patches(self, imgs: torch.Tensor) -> torch.Tensor:
         """Images (N, C, H, W) -> patch tokens with positions added (N, L, D), no class token yet."""
         x = self.patch_embed(imgs)  # (N, L, D)

@@ -61,11 +61,12 @@ def layer_id(name: str, depth: int) -> int:
 def layer_decay_groups(model: VisionTransformer, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
     """Parameter groups whose lr shrinks by ``layer_decay`` per layer below the head (BEiT/MAE)."""
     depth = len(model.blocks)
+    plain_names = no_weight_decay(model)
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        layer, plain = layer_id(name, depth), no_weight_decay(name, param)
+        layer, plain = layer_id(name, depth), name in plain_names
         group = groups.setdefault((layer, plain), {
             "params": [], "weight_decay": 0.0 if plain else weight_decay,
             "lr_scale": layer_decay ** (depth + 1 - layer)})

@@ -103,6 +103,19 @@ def test_layer_decay_scales_lower_layers_down():
     assert scales["blocks.0.attn.qkv.weight"] == 0.5 ** 4 and scales["patch_embed.proj.weight"] == 0.5 ** 5
 
 
+def test_layer_decay_groups_use_the_models_no_weight_decay_set(monkeypatch):
+    model = evaluate.build_encoder({"encoder_size": "nano", "image_size": 28, "patch_size": 4, "in_chans": 1}, num_classes=10)
+    # A recipe that also leaves the patch projection undecayed only has to declare it.
+    monkeypatch.setattr(model, "no_weight_decay", lambda: {"pos_embed", "cls_token", "patch_embed.proj.weight"})
+    decay = {}
+    for group in layer_decay_groups(model, 0.05, 0.75):
+        for param in group["params"]:
+            decay[next(n for n, p in model.named_parameters() if p is param)] = group["weight_decay"]
+    assert decay["patch_embed.proj.weight"] == 0.0 and decay["cls_token"] == 0.0 and decay["blocks.0.norm1.weight"] == 0.0
+    assert decay["blocks.0.attn.qkv.weight"] == 0.05 and decay["head.weight"] == 0.05
+    assert set(decay) == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 def test_encoder_checkpoint_of_another_size_is_refused(pretrained, tmp_path):
     _, _, mae = pretrained
     bigger = evaluate.build_encoder({"encoder_size": "micro", "image_size": 28, "patch_size": 4, "in_chans": 1})
