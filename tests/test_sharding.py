@@ -52,7 +52,8 @@ def test_same_input_gives_byte_identical_shards(tmp_path):
 
 def test_rerun_with_same_config_does_no_work(tmp_path, monkeypatch):
     first = make_shards(tmp_path)
-    monkeypatch.setattr(writer, "write_split", lambda *a, **k: pytest.fail("re-run wrote shards"))
+    # Patch the name where tasks/shard.py looks it up: it imported write_split before any patch.
+    monkeypatch.setattr("tasks.shard.write_split", lambda *a, **k: pytest.fail("re-run wrote shards"))
     again = make_shards(tmp_path)
     assert again.reused and again.output_dir == first.output_dir
 
