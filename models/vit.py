@@ -4,7 +4,8 @@ laid out like the encoder of facebookresearch/mae ``models_mae.py`` (written fro
 An image (N, C, H, W) is cut into non-overlapping p x p patches, each patch becomes a token, a class
 token is prepended, fixed 2-D sin-cos positions are added, and pre-LN transformer blocks mix the
 tokens. The same module serves as the MAE encoder (which feeds it only the visible patches, see
-``models/mae.py``) and as the evaluated classifier, so an MAE encoder's ``state_dict`` loads here as is.
+``models/mae.py``) and as the evaluated classifier, so an MAE encoder's ``state_dict`` loads here as is
+(an avg-pooling classifier has ``fc_norm`` in place of the final ``norm``, as MAE fine-tunes).
 """
 
 from __future__ import annotations
@@ -112,7 +113,13 @@ def init_transformer_weights(module: nn.Module) -> None:
 
 
 class VisionTransformer(nn.Module):
-    """ViT encoder with a class token, fixed sin-cos positions and an optional linear head."""
+    """ViT encoder with a class token, fixed sin-cos positions and an optional linear head.
+
+    ``global_pool`` picks the image vector. "token": the class token after the final LayerNorm
+    ``norm`` (the MAE encoder, and ViT's classifier). "avg": the mean of the patch tokens, then its
+    own LayerNorm ``fc_norm``, with no final norm on the tokens, as MAE's fine-tuned classifier
+    (``models_vit.py``, global_pool=True); that model has no ``norm`` parameters.
+    """
 
     def __init__(
         self,
@@ -150,7 +157,10 @@ class VisionTransformer(nn.Module):
         # Stochastic depth grows linearly with depth: early blocks carry features every later block needs.
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, rate) for rate in rates)
-        self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        # With avg pooling the norm moves after the pooling: a mean of normalised tokens is not normalised.
+        use_fc_norm = global_pool == "avg"
+        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS) if use_fc_norm else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.initialize_weights()
 
@@ -172,7 +182,7 @@ class VisionTransformer(nn.Module):
 
     def _normed_block_outputs(self, patch_tokens: torch.Tensor, count: int) -> list[torch.Tensor]:
         """Prepend the class token, run every block, and return the last ``count`` outputs, each
-        through the final LayerNorm: (N, K, D) -> count x (N, 1 + K, D)."""
+        through the final LayerNorm (none with avg pooling): (N, K, D) -> count x (N, 1 + K, D)."""
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(patch_tokens.shape[0], -1, -1)  # (N, 1, D)
         hidden = torch.cat([cls, patch_tokens], dim=1)  # (N, 1 + K, D)
         outputs = []
@@ -183,7 +193,8 @@ class VisionTransformer(nn.Module):
         return outputs
 
     def forward_tokens(self, patch_tokens: torch.Tensor) -> torch.Tensor:
-        """Any subset of position-embedded patch tokens (N, K, D) -> final-normed (N, 1 + K, D).
+        """Any subset of position-embedded patch tokens (N, K, D) -> block outputs (N, 1 + K, D), after the
+        final norm (which an avg-pool model does not have).
 
         Positions are already in the tokens, so the blocks work on whichever patches the caller kept;
         this is what lets the MAE encoder run on visible patches only.
@@ -191,7 +202,7 @@ class VisionTransformer(nn.Module):
         return self._normed_block_outputs(patch_tokens, 1)[0]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (N, C, H, W) -> final-normed tokens (N, 1 + L, D), class token first."""
+        """Images (N, C, H, W) -> tokens (N, 1 + L, D), class token first (final-normed with token pooling)."""
         return self.forward_tokens(self.embed_patches(x))
 
     def forward_last_blocks(self, x: torch.Tensor, count: int) -> list[torch.Tensor]:
@@ -212,13 +223,16 @@ class VisionTransformer(nn.Module):
         Args:
             tokens: output of ``forward_features``.
             how: "token" (the class token) or "avg" (mean of the patch tokens); default ``global_pool``.
+                The result goes through ``fc_norm``, which is the identity unless ``global_pool`` is "avg".
         """
         how = how or self.global_pool
         if how == "token":
-            return tokens[:, 0]  # (N, D)
-        if how == "avg":
-            return tokens[:, 1:].mean(dim=1)  # (N, D)
-        raise ValueError(f"pool how must be 'token' or 'avg', got {how!r}")
+            pooled = tokens[:, 0]  # (N, D)
+        elif how == "avg":
+            pooled = tokens[:, 1:].mean(dim=1)  # (N, D)
+        else:
+            raise ValueError(f"pool how must be 'token' or 'avg', got {how!r}")
+        return self.fc_norm(pooled)  # (N, D)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (N, C, H, W) -> logits (N, num_classes), or pooled features (N, D) when num_classes=0."""

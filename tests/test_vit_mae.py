@@ -245,6 +245,22 @@ def test_vit_forward_shapes_and_pooling() -> None:
     assert features.shape == (2, 64)
 
 
+def test_avg_pool_classifier_normalises_after_pooling_as_mae_finetunes() -> None:
+    model = vit_from_name("nano", img_size=16, patch_size=4, in_chans=1, num_classes=3, global_pool="avg").eval()
+    keys = set(model.state_dict())
+    assert {"fc_norm.weight", "fc_norm.bias"} <= keys and not any(k.startswith("norm.") for k in keys)
+    with torch.no_grad():
+        model.fc_norm.weight.uniform_(0.5, 1.5)  # not the identity, so a missing fc_norm would show
+    imgs = torch.randn(2, 1, 16, 16)
+    # By hand: the blocks' output with no final norm; mean over the patch tokens; then fc_norm and the head.
+    hidden = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(2, -1, -1), model.embed_patches(imgs)], 1)
+    for block in model.blocks:
+        hidden = block(hidden)
+    assert torch.allclose(model.forward_features(imgs), hidden)
+    pooled = F.layer_norm(hidden[:, 1:].mean(1), (64,), model.fc_norm.weight, model.fc_norm.bias, eps=1e-6)
+    assert torch.allclose(model(imgs), model.head(pooled), atol=1e-6)
+
+
 def test_sincos_position_embedding() -> None:
     emb = sincos_position_embedding_2d(16, 3, cls_token=True)
     assert emb.shape == (10, 16)
