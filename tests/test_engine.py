@@ -45,14 +45,6 @@ def test_warmup_then_cosine_and_linear_scaling():
     assert factors[55] == pytest.approx((1e-5 / peak) + (1 - 1e-5 / peak) * 0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
-def test_norms_biases_and_tokens_are_not_decayed():
-    model = VisionTransformer(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2)
-    decay, plain = default_param_groups(model, 0.05)
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert {names[id(p)] for p in plain["params"]} >= {"cls_token", "norm.weight", "norm.bias", "blocks.0.attn.qkv.bias"}
-    assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
-
-
 class _Mixer(torch.nn.Module):
     """A weight that merely has "token" in its name, and a declared 3-D parameter that has not."""
 
@@ -92,6 +84,14 @@ def test_mae_declares_its_tokens_and_positions():
     decay, plain = _group_names(model, default_param_groups(model, 0.05))
     assert {"mask_token", "encoder.cls_token"} <= plain  # the frozen positions are not trained at all
     assert "decoder_embed.weight" in decay and "encoder.blocks.0.attn.qkv.weight" in decay
+
+
+def test_norms_biases_and_tokens_are_not_decayed():
+    model = VisionTransformer(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2)
+    decay, plain = default_param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in plain["params"]} >= {"cls_token", "norm.weight", "norm.bias", "blocks.0.attn.qkv.bias"}
+    assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_loss_curve(shards, tmp_path):
