@@ -79,12 +79,25 @@ def encode_sample(sample: RawSample) -> EncodedSample:
     return EncodedSample(sample.key, files, sample.label, image.width, image.height, channels, sums)
 
 
+def pool_context() -> multiprocessing.context.BaseContext:
+    """Start encoder processes from a fork server (spawn where there is none), never by forking.
+
+    The shard stage runs inside Prefect, whose API client threads and fork hooks make a forked
+    child unsafe (the loader's forked workers died of it). A fork server is a fresh single-threaded
+    process that has imported this module once, so workers still start in milliseconds.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["data_shards.writer"])
+    return context
+
+
 def encode_all(samples: Sequence[RawSample], workers: int) -> list[EncodedSample]:
     """Encode in order; uses a process pool for large splits (PNG encoding is CPU-bound)."""
     if workers <= 1 or len(samples) < POOL_THRESHOLD:
         return [encode_sample(s) for s in samples]
-    # fork: the children only run PIL on the sample they are sent; no locks of the parent are used.
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with pool_context().Pool(workers) as pool:
         return pool.map(encode_sample, samples, chunksize=256)
 
 

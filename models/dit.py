@@ -12,14 +12,14 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from models.layers import Attention, Mlp, PatchEmbed
+# DiT's own name for the shared table (its positions have no class token).
+from models.layers import sincos_position_embedding_2d as get_2d_sincos_pos_embed
 
 __all__ = [
-    "PatchEmbed",
     "TimestepEmbedder",
     "LabelEmbedder",
-    "Attention",
-    "Mlp",
     "DiTBlock",
     "FinalLayer",
     "DiT",
@@ -35,20 +35,6 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 # ------------------------------------------------ Embedding layers for patches, timesteps and labels
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches -> tokens, via a conv with kernel = stride = p."""
-
-    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
-        super().__init__()
-        self.grid_size = input_size // patch_size
-        self.num_patches = self.grid_size**2
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)  # (N, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)  # (N, T, D), row-major over the patch grid
 
 
 class TimestepEmbedder(nn.Module):
@@ -119,38 +105,6 @@ class LabelEmbedder(nn.Module):
 # ------------------------------------------------ Core DiT model
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection, computed by ``scaled_dot_product_attention``."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden_size={dim} is not divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.proj = nn.Linear(dim, dim, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads)  # (N, T, 3, H, Dh)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, H, T, Dh)
-        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
-        return self.proj(x.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
-
-
-class Mlp(nn.Module):
-    """Two-layer MLP with tanh-approximated GELU, as in DiT."""
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning.
 
@@ -164,7 +118,7 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), approximate="tanh")
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -328,37 +282,6 @@ class DiT(nn.Module):
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)  # (N, C, H, W)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
-
-
-# ------------------------------------------------ Fixed 2-D sin-cos positions
-
-
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
-    """Fixed positions for a grid_size x grid_size patch grid, in row-major token order.
-
-    Args:
-        embed_dim: width D, divisible by 4 (half for each axis, each half split into sin and cos).
-        grid_size: patches per side.
-
-    Returns:
-        (grid_size**2, embed_dim) float32: first half encodes the column, second half the row
-        (the same layout as the MAE/DiT reference code).
-    """
-    if embed_dim % 4:
-        raise ValueError(f"embed_dim={embed_dim} must be divisible by 4 for 2-D sin-cos positions")
-    coords = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # (G, G) each
-    emb_col = _get_1d_sincos_pos_embed(embed_dim // 2, cols.reshape(-1))  # (G*G, D/2)
-    emb_row = _get_1d_sincos_pos_embed(embed_dim // 2, rows.reshape(-1))  # (G*G, D/2)
-    return torch.cat([emb_col, emb_row], dim=1).float()  # (G*G, D)
-
-
-def _get_1d_sincos_pos_embed(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
-    """(M,) positions -> (M, embed_dim) as [sin(pos * omega), cos(pos * omega)], omega = 1/10000^(2i/D)."""
-    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
-    omega = 1.0 / 10000**omega  # (D/2,)
-    out = positions[:, None] * omega[None]  # (M, D/2)
-    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, D)
 
 
 # ------------------------------------------------ Named sizes

@@ -96,7 +96,8 @@ def random_masking(
 
     Args:
         x: tokens (N, L, D).
-        mask_ratio: fraction to hide, in [0, 1); exactly ``max(1, round(L * (1 - mask_ratio)))`` stay.
+        mask_ratio: fraction to hide, in [0, 1); exactly ``int(L * (1 - mask_ratio))`` stay, truncated as
+            in MAE (19 of 49 at 0.6), but at least one so the encoder has a patch to see.
         generator: optional RNG for reproducible masks; it must live on ``x.device``.
 
     Returns:
@@ -108,7 +109,7 @@ def random_masking(
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     N, L, D = x.shape
-    len_keep = max(1, round(L * (1 - mask_ratio)))
+    len_keep = max(1, int(L * (1 - mask_ratio)))
 
     noise = torch.rand(N, L, generator=generator, device=x.device)  # (N, L)
     ids_shuffle = torch.argsort(noise, dim=1)  # (N, L): the smallest noise is kept
@@ -189,6 +190,10 @@ class MaskedAutoencoder(nn.Module):
         # 0 would leave nothing to reconstruct and 1 nothing to encode.
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay besides norms and biases: positions and the class/mask tokens."""
+        return {"mask_token", "decoder_pos_embed"} | {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
 
     @property
     def num_patches(self) -> int:

@@ -4,7 +4,8 @@ laid out like the encoder of facebookresearch/mae ``models_mae.py`` (written fro
 An image (N, C, H, W) is cut into non-overlapping p x p patches, each patch becomes a token, a class
 token is prepended, fixed 2-D sin-cos positions are added, and pre-LN transformer blocks mix the
 tokens. The same module serves as the MAE encoder (which feeds it only the visible patches, see
-``models/mae.py``) and as the evaluated classifier, so an MAE encoder's ``state_dict`` loads here as is.
+``models/mae.py``) and as the evaluated classifier, so an MAE encoder's ``state_dict`` loads here as is
+(an avg-pooling classifier has ``fc_norm`` in place of the final ``norm``, as MAE fine-tunes).
 """
 
 from __future__ import annotations
@@ -14,15 +15,12 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from models.layers import Attention, Mlp, PatchEmbed, sincos_position_embedding_2d
 
 __all__ = [
     "ViTSize",
     "VIT_SIZES",
-    "PatchEmbed",
-    "sincos_position_embedding_2d",
-    "Attention",
-    "Mlp",
     "DropPath",
     "Block",
     "VisionTransformer",
@@ -58,106 +56,8 @@ VIT_SIZES: dict[str, ViTSize] = {
 
 
 #################################################################################
-#                         Patch and position embeddings                         #
-#################################################################################
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches -> tokens; a conv with kernel = stride = p is flatten + linear."""
-
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
-        super().__init__()
-        if patch_size <= 0 or img_size % patch_size != 0:
-            raise ValueError(
-                f"img_size {img_size} must be a positive multiple of patch_size {patch_size}"
-            )
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.grid_size = img_size // patch_size
-        self.num_patches = self.grid_size**2
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(
-                f"expected {self.img_size}x{self.img_size} images, got {tuple(x.shape[-2:])}"
-            )
-        x = self.proj(x)  # (N, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)  # (N, L, D), row-major over the patch grid
-
-
-def _sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
-    """(M,) positions -> (M, embed_dim) as [sin(pos * w_i), cos(pos * w_i)], w_i from 1 to 1/10000."""
-    half = embed_dim // 2
-    omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)  # (D/2,)
-    angles = positions.to(torch.float64)[:, None] * omega[None, :]  # (M, D/2)
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (M, D)
-
-
-def sincos_position_embedding_2d(embed_dim: int, grid_size: int, cls_token: bool) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding for a square patch grid, as MAE uses.
-
-    Half the channels encode the column, half the row (column first, matching MAE's layout, so MAE
-    checkpoints line up). The class token, which has no position, gets a zero row.
-
-    Args:
-        embed_dim: token width; must be divisible by 4 (sin and cos for each of two axes).
-        grid_size: patches per side.
-        cls_token: prepend a zero row for the class token.
-
-    Returns:
-        float32 tensor of shape (1 + L, D) with ``cls_token``, else (L, D), with L = grid_size**2,
-        rows in the same row-major order as ``PatchEmbed``'s tokens.
-    """
-    if embed_dim % 4 != 0:
-        raise ValueError(f"embed_dim {embed_dim} must be divisible by 4 for a 2-D sin-cos embedding")
-    coords = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # (G, G) each
-    emb_col = _sincos_1d(embed_dim // 2, cols.reshape(-1))  # (L, D/2)
-    emb_row = _sincos_1d(embed_dim // 2, rows.reshape(-1))  # (L, D/2)
-    emb = torch.cat([emb_col, emb_row], dim=1)  # (L, D)
-    if cls_token:
-        emb = torch.cat([torch.zeros(1, embed_dim, dtype=emb.dtype), emb], dim=0)  # (1 + L, D)
-    return emb.float()
-
-
-#################################################################################
 #                              Transformer blocks                               #
 #################################################################################
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention through ``scaled_dot_product_attention`` (fused kernels where available)."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N, T, D = x.shape
-        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, Dh)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, H, T, Dh)
-        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
-        x = x.transpose(1, 2).reshape(N, T, D)  # (N, T, D)
-        return self.proj(x)
-
-
-class Mlp(nn.Module):
-    """Two-layer GELU feed-forward network applied to each token."""
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class DropPath(nn.Module):
@@ -213,7 +113,13 @@ def init_transformer_weights(module: nn.Module) -> None:
 
 
 class VisionTransformer(nn.Module):
-    """ViT encoder with a class token, fixed sin-cos positions and an optional linear head."""
+    """ViT encoder with a class token, fixed sin-cos positions and an optional linear head.
+
+    ``global_pool`` picks the image vector. "token": the class token after the final LayerNorm
+    ``norm`` (the MAE encoder, and ViT's classifier). "avg": the mean of the patch tokens, then its
+    own LayerNorm ``fc_norm``, with no final norm on the tokens, as MAE's fine-tuned classifier
+    (``models_vit.py``, global_pool=True); that model has no ``norm`` parameters.
+    """
 
     def __init__(
         self,
@@ -251,7 +157,10 @@ class VisionTransformer(nn.Module):
         # Stochastic depth grows linearly with depth: early blocks carry features every later block needs.
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, rate) for rate in rates)
-        self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        # With avg pooling the norm moves after the pooling: a mean of normalised tokens is not normalised.
+        use_fc_norm = global_pool == "avg"
+        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS) if use_fc_norm else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.initialize_weights()
 
@@ -262,6 +171,10 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         self.apply(init_transformer_weights)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay besides norms and biases (read by ``tasks/engine.py``)."""
+        return {"pos_embed", "cls_token"}
+
     def embed_patches(self, imgs: torch.Tensor) -> torch.Tensor:
         """Images (N, C, H, W) -> patch tokens with positions added (N, L, D), no class token yet."""
         x = self.patch_embed(imgs)  # (N, L, D)
@@ -269,7 +182,7 @@ class VisionTransformer(nn.Module):
 
     def _normed_block_outputs(self, patch_tokens: torch.Tensor, count: int) -> list[torch.Tensor]:
         """Prepend the class token, run every block, and return the last ``count`` outputs, each
-        through the final LayerNorm: (N, K, D) -> count x (N, 1 + K, D)."""
+        through the final LayerNorm (none with avg pooling): (N, K, D) -> count x (N, 1 + K, D)."""
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(patch_tokens.shape[0], -1, -1)  # (N, 1, D)
         hidden = torch.cat([cls, patch_tokens], dim=1)  # (N, 1 + K, D)
         outputs = []
@@ -280,7 +193,8 @@ class VisionTransformer(nn.Module):
         return outputs
 
     def forward_tokens(self, patch_tokens: torch.Tensor) -> torch.Tensor:
-        """Any subset of position-embedded patch tokens (N, K, D) -> final-normed (N, 1 + K, D).
+        """Any subset of position-embedded patch tokens (N, K, D) -> block outputs (N, 1 + K, D), after the
+        final norm (which an avg-pool model does not have).
 
         Positions are already in the tokens, so the blocks work on whichever patches the caller kept;
         this is what lets the MAE encoder run on visible patches only.
@@ -288,7 +202,7 @@ class VisionTransformer(nn.Module):
         return self._normed_block_outputs(patch_tokens, 1)[0]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (N, C, H, W) -> final-normed tokens (N, 1 + L, D), class token first."""
+        """Images (N, C, H, W) -> tokens (N, 1 + L, D), class token first (final-normed with token pooling)."""
         return self.forward_tokens(self.embed_patches(x))
 
     def forward_last_blocks(self, x: torch.Tensor, count: int) -> list[torch.Tensor]:
@@ -309,13 +223,16 @@ class VisionTransformer(nn.Module):
         Args:
             tokens: output of ``forward_features``.
             how: "token" (the class token) or "avg" (mean of the patch tokens); default ``global_pool``.
+                The result goes through ``fc_norm``, which is the identity unless ``global_pool`` is "avg".
         """
         how = how or self.global_pool
         if how == "token":
-            return tokens[:, 0]  # (N, D)
-        if how == "avg":
-            return tokens[:, 1:].mean(dim=1)  # (N, D)
-        raise ValueError(f"pool how must be 'token' or 'avg', got {how!r}")
+            pooled = tokens[:, 0]  # (N, D)
+        elif how == "avg":
+            pooled = tokens[:, 1:].mean(dim=1)  # (N, D)
+        else:
+            raise ValueError(f"pool how must be 'token' or 'avg', got {how!r}")
+        return self.fc_norm(pooled)  # (N, D)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (N, C, H, W) -> logits (N, num_classes), or pooled features (N, D) when num_classes=0."""

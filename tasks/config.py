@@ -134,10 +134,15 @@ class EvalConfig(StrictModel):
     probe_epochs: int = Field(default=100, gt=0)
     max_train_features: int | None = Field(default=None, gt=0, description="Cap on train images used for probe/kNN.")
     finetune: bool = True
+    finetune_pool: Literal["token", "avg"] = Field(
+        default="avg", description="Fine-tuned classifier's pooling: patch-token mean + fc_norm (MAE's recipe) or class token.")
     layer_decay: float = Field(default=0.75, gt=0, le=1)
     label_smoothing: float = Field(default=0.1, ge=0, lt=1)
     drop_path: float = Field(default=0.1, ge=0, lt=1)
-    finetune_train: TrainConfig = TrainConfig(steps=200, batch_size=64, optim=OptimConfig(base_lr=1e-3, weight_decay=0.05, warmup_steps=20))
+    # betas (0.9, 0.999) as MAE's main_finetune.py; a preset that gives finetune_train.optim must repeat them,
+    # or it gets pretraining's (0.9, 0.95) from OptimConfig.
+    finetune_train: TrainConfig = TrainConfig(steps=200, batch_size=64, optim=OptimConfig(
+        base_lr=1e-3, weight_decay=0.05, warmup_steps=20, betas=(0.9, 0.999)))
 
 
 class VAEConfig(StrictModel):

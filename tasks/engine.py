@@ -76,16 +76,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """Norms, biases, tokens and position embeddings are not decayed (MAE/ViT practice)."""
-    return param.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name
+def no_weight_decay(model: nn.Module) -> set[str]:
+    """Names of the parameters AdamW must not decay: every norm weight and bias (ndim <= 1), plus
+    the names the model declares in its own ``no_weight_decay()`` (positions, class and mask
+    tokens), as timm does. A name is never guessed from how it is spelled.
+
+    Raises:
+        ValueError: the model declares a name it has no parameter for (a typo would decay it silently).
+    """
+    params = dict(model.named_parameters())
+    declared = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    unknown = declared - params.keys()
+    if unknown:
+        raise ValueError(f"{type(model).__name__}.no_weight_decay() names no parameter: {sorted(unknown)}")
+    return declared | {name for name, param in params.items() if param.ndim <= 1}
 
 
 def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    plain_names = no_weight_decay(model)
     decay, plain = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (plain if no_weight_decay(name, param) else decay).append(param)
+            (plain if name in plain_names else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 

@@ -1,5 +1,7 @@
-"""End-to-end fine-tuning of a ViT classifier on the shared engine (MAE's recipe, scaled down):
-layer-wise lr decay, drop path, label smoothing and crop/flip augmentation.
+"""End-to-end fine-tuning of a ViT classifier on the shared engine (MAE's ``main_finetune.py`` recipe,
+scaled down): average pooling with ``fc_norm`` (or the class token), a head initialised with std 2e-5,
+AdamW betas (0.9, 0.999) from the config, layer-wise lr decay, drop path, label smoothing and the
+loader's crop/flip augmentation.
 
 One process fine-tunes in-process; with ``train.nproc_per_node`` > 1 the evaluation stage launches
 torchrun on this module (``python -m tasks.finetune JOB.json``), every rank running
@@ -10,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -28,25 +31,65 @@ from tasks.config import TrainConfig
 from tasks.distributed import DistInfo, init_distributed, launch_training, run_rank, shutdown_distributed
 from tasks.engine import TrainJob, TrainSummary, no_weight_decay, seed_everything, train
 
+log = logging.getLogger("patchflow.finetune")
 
-def build_encoder(architecture: dict[str, Any], num_classes: int = 0, drop_path: float = 0.0) -> VisionTransformer:
+# MAE's main_finetune.py: a near-zero head, so the pretrained features are not disturbed by the first
+# steps' large random logits.
+HEAD_INIT_STD = 2e-5
+# Pooling of MAE's fine-tuning recipe (global_pool=True): mean of the patch tokens, then fc_norm.
+FINETUNE_POOL = "avg"
+
+
+def build_encoder(architecture: dict[str, Any], num_classes: int = 0, drop_path: float = 0.0,
+                  global_pool: Literal["token", "avg"] | None = None) -> VisionTransformer:
+    """The ViT of an MAE ``architecture`` record.
+
+    Args:
+        architecture: encoder_size, image_size, patch_size, in_chans (the pretraining stage's manifest).
+        num_classes: 0 for the bare encoder, else a classifier head of that size.
+        drop_path: stochastic-depth rate.
+        global_pool: None picks the class token and final norm for the bare encoder (what MAE
+            pretraining exports) and ``FINETUNE_POOL`` for a classifier (what fine-tuning trains).
+    """
+    if global_pool is None:
+        global_pool = FINETUNE_POOL if num_classes > 0 else "token"
     return vit_from_name(architecture["encoder_size"], img_size=architecture["image_size"],
                          patch_size=architecture["patch_size"], in_chans=architecture["in_chans"],
-                         num_classes=num_classes, drop_path_rate=drop_path)
+                         num_classes=num_classes, drop_path_rate=drop_path, global_pool=global_pool)
 
 
-def load_encoder_weights(model: VisionTransformer, path: Path) -> None:
-    """Load an exported encoder; a head may stay untrained, any other difference is an error."""
+def load_encoder_weights(model: VisionTransformer, path: Path) -> tuple[list[str], list[str]]:
+    """Load an exported MAE encoder into ``model``, strictly except for what fine-tuning adds.
+
+    The head and, with avg pooling, ``fc_norm`` stay new; such a model has no final ``norm``, so the
+    encoder's is dropped, as MAE's fine-tuning does. Any other missing, extra or misshapen key is an error.
+
+    Returns:
+        (keys of the model left at their initial values, keys of the file not loaded).
+    """
     state = torch.load(path, map_location="cpu")
     own = model.state_dict()
+    may_stay_new = ("head.", "fc_norm.")
+    may_drop = ("norm.",) if model.global_pool == "avg" else ()
     wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
              if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in state and not k.startswith("head.")]
-    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not k.startswith(may_stay_new)]
+    unexpected = [k for k in state if k not in own and not k.startswith(may_drop)]
     if wrong or missing or unexpected:
         raise ValueError(f"{path} does not match the encoder config: shapes {wrong[:5]}, missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    model.load_state_dict(state, strict=False)
+    new = sorted(k for k in own if k not in state)
+    dropped = sorted(k for k in state if k not in own)
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    if new or dropped:
+        log.info("loaded %s: left new %s, not loaded %s", path, new, dropped)
+    return new, dropped
+
+
+def init_head(model: VisionTransformer, std: float = HEAD_INIT_STD) -> None:
+    """Truncated-normal head weights of standard deviation ``std`` and zero biases (MAE's fine-tuning)."""
+    nn.init.trunc_normal_(model.head.weight, std=std)
+    nn.init.zeros_(model.head.bias)
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -61,11 +104,12 @@ def layer_id(name: str, depth: int) -> int:
 def layer_decay_groups(model: VisionTransformer, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
     """Parameter groups whose lr shrinks by ``layer_decay`` per layer below the head (BEiT/MAE)."""
     depth = len(model.blocks)
+    plain_names = no_weight_decay(model)
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        layer, plain = layer_id(name, depth), no_weight_decay(name, param)
+        layer, plain = layer_id(name, depth), name in plain_names
         group = groups.setdefault((layer, plain), {
             "params": [], "weight_decay": 0.0 if plain else weight_decay,
             "lr_scale": layer_decay ** (depth + 1 - layer)})
@@ -118,14 +162,18 @@ class FinetuneJob:
     weights_path: str
     metric_prefix: str = ""
     stop_after: int | None = None
+    global_pool: Literal["token", "avg"] = FINETUNE_POOL
 
 
 def build_classifier(job: FinetuneJob) -> VisionTransformer:
-    """The job's ViT with a head: random weights seeded by the train config, then the encoder's."""
+    """The job's ViT with a head: random weights seeded by the train config, then the encoder's and,
+    when fine-tuning, MAE's near-zero head (training from scratch keeps the usual init)."""
     torch.manual_seed(TrainConfig.model_validate(job.train).seed)
-    model = build_encoder(job.architecture, num_classes=job.num_classes, drop_path=job.drop_path)
+    model = build_encoder(job.architecture, num_classes=job.num_classes, drop_path=job.drop_path,
+                          global_pool=job.global_pool)
     if job.encoder_path is not None:
         load_encoder_weights(model, Path(job.encoder_path))
+        init_head(model)
     return model
 
 
@@ -140,7 +188,9 @@ def finetune_worker(job_path: Path) -> TrainSummary:
     log_metrics: Callable | None = None
     if dist.is_main:
         log_metrics = lambda m, step: mlflow.log_metrics({job.metric_prefix + k: v for k, v in m.items()}, step=step)  # noqa: E731
-    summary = train_classifier(model, loader, train_config, Path(job.checkpoint_dir), job.signature, job.layer_decay,
+    # The pooling changes the parameters, so a checkpoint of the other pooling must not resume here.
+    signature = {**job.signature, "global_pool": job.global_pool}
+    summary = train_classifier(model, loader, train_config, Path(job.checkpoint_dir), signature, job.layer_decay,
                                job.label_smoothing, log_metrics=log_metrics, stop_after=job.stop_after, dist=dist)
     if dist.is_main and summary.steps == train_config.steps:
         save_torch_atomic(Path(job.weights_path), {k: v.cpu() for k, v in model.state_dict().items()})
@@ -161,7 +211,7 @@ def run_finetune(job: FinetuneJob, job_path: Path, run_id: str, data_root: Path,
     summary = launch_training("tasks.finetune", finetune_worker, job_path, TrainConfig.model_validate(job.train),
                               run_id, data_root, exported=weights, summary_path=weights.with_suffix(".summary.json"),
                               checkpoint_dir=Path(job.checkpoint_dir), log=log)
-    model = build_encoder(job.architecture, num_classes=job.num_classes)
+    model = build_encoder(job.architecture, num_classes=job.num_classes, global_pool=job.global_pool)
     model.load_state_dict(torch.load(weights, map_location="cpu"))
     return model, summary
 

@@ -45,6 +45,47 @@ def test_warmup_then_cosine_and_linear_scaling():
     assert factors[55] == pytest.approx((1e-5 / peak) + (1 - 1e-5 / peak) * 0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
+class _Mixer(torch.nn.Module):
+    """A weight that merely has "token" in its name, and a declared 3-D parameter that has not."""
+
+    def __init__(self, declared: set[str]):
+        super().__init__()
+        self.token_mixer = torch.nn.Linear(4, 4)
+        self.queries = torch.nn.Parameter(torch.zeros(1, 3, 4))
+        self.norm = torch.nn.LayerNorm(4)
+        self.declared = declared
+
+    def no_weight_decay(self) -> set[str]:
+        return self.declared
+
+
+def _group_names(model: torch.nn.Module, groups: list[dict]) -> list[set[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [{names[id(p)] for p in group["params"]} for group in groups]
+
+
+def test_weight_decay_follows_the_models_declared_set_not_the_spelling():
+    model = _Mixer({"queries"})
+    decay, plain = _group_names(model, default_param_groups(model, 0.05))
+    assert decay == {"token_mixer.weight"}
+    assert plain == {"token_mixer.bias", "queries", "norm.weight", "norm.bias"}
+
+
+def test_a_declared_name_without_a_parameter_is_refused():
+    with pytest.raises(ValueError, match=r"_Mixer.no_weight_decay\(\) names no parameter: \['qeuries'\]"):
+        default_param_groups(_Mixer({"qeuries"}), 0.05)
+
+
+def test_mae_declares_its_tokens_and_positions():
+    from models.mae import mae_from_name
+
+    model = mae_from_name("nano", img_size=8, patch_size=4, in_chans=1, decoder_embed_dim=16, decoder_depth=1,
+                          decoder_num_heads=2)
+    decay, plain = _group_names(model, default_param_groups(model, 0.05))
+    assert {"mask_token", "encoder.cls_token"} <= plain  # the frozen positions are not trained at all
+    assert "decoder_embed.weight" in decay and "encoder.blocks.0.attn.qkv.weight" in decay
+
+
 def test_norms_biases_and_tokens_are_not_decayed():
     model = VisionTransformer(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2)
     decay, plain = default_param_groups(model, 0.05)

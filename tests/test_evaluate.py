@@ -10,8 +10,9 @@ from mlflow.tracking import MlflowClient
 
 from data_shards.loader import LoaderSpec, split_shards
 from tasks import evaluate, mae_pretrain
-from tasks.config import EvalConfig, MAEConfig, SourceConfig, TrainConfig
-from tasks.finetune import layer_decay_groups, train_classifier
+from models.mae import mae_from_name
+from tasks.config import EvalConfig, MAEConfig, SourceConfig, TrainConfig, available_presets, load_config
+from tasks.finetune import FinetuneJob, build_classifier, layer_decay_groups, load_encoder_weights, train_classifier
 from tasks.stage import StageContext
 from tests._shared_data import require_shared
 from tests.helpers import make_shards
@@ -52,6 +53,11 @@ def test_evaluate_stage_writes_every_metric_with_baselines(pretrained):
     outputs = result.manifest()["outputs"]
     assert outputs["classifier"]["num_classes"] == 10 and (Path(result.output_dir) / "classifier.pt").is_file()
     assert "mae-train.npz" in outputs["features"]
+    # MAE's fine-tuning pools the patch tokens then applies fc_norm; the DiT stage rebuilds the classifier
+    # the same way from the architecture alone, so the exported weights must load into that strictly.
+    classifier = torch.load(Path(result.output_dir) / "classifier.pt")
+    assert "fc_norm.weight" in classifier and "norm.weight" not in classifier
+    evaluate.build_encoder(outputs["architecture"], num_classes=10).load_state_dict(classifier)
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
     assert {"confusion_matrix.png", "per_class_accuracy.json"} <= artifacts
@@ -101,6 +107,71 @@ def test_layer_decay_scales_lower_layers_down():
             scales[next(n for n, p in model.named_parameters() if p is param)] = group["lr_scale"]
     assert scales["head.weight"] == 1.0 and scales["blocks.3.attn.qkv.weight"] == 0.5
     assert scales["blocks.0.attn.qkv.weight"] == 0.5 ** 4 and scales["patch_embed.proj.weight"] == 0.5 ** 5
+
+
+def test_layer_decay_groups_use_the_models_no_weight_decay_set(monkeypatch):
+    model = evaluate.build_encoder({"encoder_size": "nano", "image_size": 28, "patch_size": 4, "in_chans": 1}, num_classes=10)
+    # A recipe that also leaves the patch projection undecayed only has to declare it.
+    monkeypatch.setattr(model, "no_weight_decay", lambda: {"pos_embed", "cls_token", "patch_embed.proj.weight"})
+    decay = {}
+    for group in layer_decay_groups(model, 0.05, 0.75):
+        for param in group["params"]:
+            decay[next(n for n, p in model.named_parameters() if p is param)] = group["weight_decay"]
+    assert decay["patch_embed.proj.weight"] == 0.0 and decay["cls_token"] == 0.0 and decay["blocks.0.norm1.weight"] == 0.0
+    assert decay["blocks.0.attn.qkv.weight"] == 0.05 and decay["head.weight"] == 0.05
+    assert set(decay) == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+NANO_28 = {"encoder_size": "nano", "image_size": 28, "patch_size": 4, "in_chans": 1}
+
+
+def _exported_encoder(path: Path) -> dict:
+    """What MAE pretraining exports: the encoder's state dict (class token, final norm, no head)."""
+    torch.manual_seed(1)
+    state = mae_from_name("nano", img_size=28, patch_size=4, in_chans=1, decoder_embed_dim=16, decoder_depth=1,
+                          decoder_num_heads=2).encoder.state_dict()
+    torch.save(state, path)
+    return state
+
+
+def _finetune_job(encoder_path: Path | None, **fields) -> FinetuneJob:
+    return FinetuneJob(architecture=NANO_28, num_classes=10, encoder_path=None if encoder_path is None else str(encoder_path),
+                       loader={}, train=TrainConfig().model_dump(mode="json"), layer_decay=0.75, label_smoothing=0.1,
+                       drop_path=0.1, signature={}, checkpoint_dir="unused", weights_path="unused", **fields)
+
+
+def test_mae_encoder_loads_into_the_avg_pool_classifier_leaving_head_and_fc_norm_new(tmp_path):
+    state = _exported_encoder(tmp_path / "encoder.pt")
+    model = evaluate.build_encoder(NANO_28, num_classes=10)
+    assert model.global_pool == "avg"  # MAE's fine-tuning recipe is the classifier's default
+    new, dropped = load_encoder_weights(model, tmp_path / "encoder.pt")
+    assert new == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert dropped == ["norm.bias", "norm.weight"]  # the avg-pool model normalises after pooling instead
+    assert torch.equal(model.state_dict()["blocks.3.mlp.fc2.weight"], state["blocks.3.mlp.fc2.weight"])
+    token_model = evaluate.build_encoder(NANO_28, num_classes=10, global_pool="token")
+    assert load_encoder_weights(token_model, tmp_path / "encoder.pt") == (["head.bias", "head.weight"], [])
+    # Strict about everything else: a missing block weight is not silently left random.
+    del state["blocks.0.attn.qkv.weight"]
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match=r"missing \['blocks\.0\.attn\.qkv\.weight'\]"):
+        load_encoder_weights(evaluate.build_encoder(NANO_28, num_classes=10), tmp_path / "broken.pt")
+
+
+def test_fine_tuned_classifier_starts_from_maes_recipe(tmp_path):
+    _exported_encoder(tmp_path / "encoder.pt")
+    finetuned = build_classifier(_finetune_job(tmp_path / "encoder.pt"))
+    assert finetuned.global_pool == "avg"
+    assert 1e-5 < finetuned.head.weight.std().item() < 3e-5 and torch.all(finetuned.head.bias == 0)
+    # From scratch there is no pretrained feature to protect: the head keeps the usual init.
+    assert build_classifier(_finetune_job(None)).head.weight.std().item() > 1e-2
+    assert build_classifier(_finetune_job(None, global_pool="token")).global_pool == "token"
+
+
+def test_fine_tuning_uses_maes_adamw_betas_in_the_default_and_every_preset():
+    assert EvalConfig().finetune_train.optim.betas == (0.9, 0.999)
+    assert EvalConfig().finetune_pool == "avg"
+    for preset in available_presets():
+        assert load_config(preset).evaluate.finetune_train.optim.betas == (0.9, 0.999), preset
 
 
 def test_encoder_checkpoint_of_another_size_is_refused(pretrained, tmp_path):

@@ -1,14 +1,16 @@
 import gzip
 import io
+import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from data_shards import writer
 from data_shards.atomic import sha256_file
-from data_shards.samples import SourceError
+from data_shards.samples import RawSample, SourceError
 from tasks.config import SourceConfig
 from tests._shared_data import require_shared
 from tests.helpers import fashion_source, make_shards, manifest
@@ -50,7 +52,8 @@ def test_same_input_gives_byte_identical_shards(tmp_path):
 
 def test_rerun_with_same_config_does_no_work(tmp_path, monkeypatch):
     first = make_shards(tmp_path)
-    monkeypatch.setattr(writer, "write_split", lambda *a, **k: pytest.fail("re-run wrote shards"))
+    # Patch the name where tasks/shard.py looks it up: it imported write_split before any patch.
+    monkeypatch.setattr("tasks.shard.write_split", lambda *a, **k: pytest.fail("re-run wrote shards"))
     again = make_shards(tmp_path)
     assert again.reused and again.output_dir == first.output_dir
 
@@ -153,3 +156,22 @@ def test_large_split_uses_the_process_pool_with_identical_bytes(tmp_path, monkey
     monkeypatch.setattr(writer, "POOL_THRESHOLD", 10**9)
     serial = make_shards(tmp_path / "serial", source, samples_per_shard=2000, workers=2)
     assert pooled.digest == serial.digest
+
+
+def _sees_the_parents_marker() -> bool:
+    """Run in a pool worker: only a forked child carries state the parent set after importing the writer."""
+    return getattr(sys.modules.get("data_shards.writer"), "PARENT_ONLY_MARKER", False)
+
+
+def test_encoder_pool_is_not_forked_and_matches_the_serial_path(monkeypatch):
+    # Forking a process that runs Prefect is unsafe; the pool must start clean processes.
+    assert writer.pool_context().get_start_method() in ("forkserver", "spawn")
+    monkeypatch.setattr(writer, "PARENT_ONLY_MARKER", True, raising=False)
+    with writer.pool_context().Pool(2) as pool:
+        assert pool.apply(_sees_the_parents_marker) is False
+    rng = np.random.default_rng(0)
+    samples = [RawSample(key=f"s{i:03d}", origin=f"test #{i}", pixels=rng.integers(0, 256, (28, 28), dtype=np.uint8),
+                         label=i % 10) for i in range(40)]
+    serial = writer.encode_all(samples, workers=2)  # below the threshold: in this process
+    monkeypatch.setattr(writer, "POOL_THRESHOLD", 1)
+    assert writer.encode_all(samples, workers=2) == serial

@@ -17,16 +17,8 @@ from models.mae import (
     reconstruction_grid,
     unpatchify,
 )
-from models.vit import (
-    VIT_SIZES,
-    Attention,
-    DropPath,
-    PatchEmbed,
-    VisionTransformer,
-    param_count,
-    sincos_position_embedding_2d,
-    vit_from_name,
-)
+from models.layers import Attention, PatchEmbed, sincos_position_embedding_2d
+from models.vit import VIT_SIZES, DropPath, VisionTransformer, param_count, vit_from_name
 
 
 def nano_mae(**kwargs) -> MaskedAutoencoder:
@@ -70,7 +62,7 @@ def test_random_masking_keeps_exact_count_and_restores(mask_ratio: float, num_to
     generator = torch.Generator().manual_seed(0)
     x_visible, mask, ids_restore = random_masking(x, mask_ratio, generator)
 
-    len_keep = max(1, round(num_tokens * (1 - mask_ratio)))
+    len_keep = max(1, int(num_tokens * (1 - mask_ratio)))
     assert x_visible.shape == (N, len_keep, D)
     assert mask.shape == (N, num_tokens)
     assert torch.equal(mask.sum(dim=1), torch.full((N,), float(num_tokens - len_keep)))
@@ -85,6 +77,13 @@ def test_random_masking_keeps_exact_count_and_restores(mask_ratio: float, num_to
     visible_rows = torch.gather(x, 1, ids_shuffle[:, :len_keep, None].expand(-1, -1, D))
     assert torch.equal(visible_rows, x_visible)
     assert torch.all(torch.gather(mask, 1, ids_shuffle[:, :len_keep]) == 0)
+
+
+def test_kept_patch_count_truncates_as_mae_does() -> None:
+    # 28 px images, patch 4: L = 49 and 49 * 0.4 = 19.6. MAE keeps int(L * (1 - ratio)) = 19, not 20.
+    model = mae_from_name("nano", img_size=28, patch_size=4, in_chans=1, mask_ratio=0.6)
+    latent, mask, _ = model.forward_encoder(torch.randn(2, 1, 28, 28), 0.6)
+    assert latent.shape[1] == 1 + 19 and torch.all(mask.sum(dim=1) == 30)
 
 
 def test_random_masking_is_reproducible_with_generator() -> None:
@@ -103,7 +102,7 @@ def test_encoder_sees_only_visible_tokens() -> None:
     imgs = torch.randn(2, 1, 16, 16)
     for mask_ratio in (0.25, 0.75):
         latent, mask, ids_restore = model.forward_encoder(imgs, mask_ratio)
-        kept = round(16 * (1 - mask_ratio))
+        kept = int(16 * (1 - mask_ratio))
         assert latent.shape == (2, 1 + kept, 64)
         assert mask.shape == ids_restore.shape == (2, 16)
     loss, pred, mask = model(imgs)
@@ -246,6 +245,22 @@ def test_vit_forward_shapes_and_pooling() -> None:
     assert features.shape == (2, 64)
 
 
+def test_avg_pool_classifier_normalises_after_pooling_as_mae_finetunes() -> None:
+    model = vit_from_name("nano", img_size=16, patch_size=4, in_chans=1, num_classes=3, global_pool="avg").eval()
+    keys = set(model.state_dict())
+    assert {"fc_norm.weight", "fc_norm.bias"} <= keys and not any(k.startswith("norm.") for k in keys)
+    with torch.no_grad():
+        model.fc_norm.weight.uniform_(0.5, 1.5)  # not the identity, so a missing fc_norm would show
+    imgs = torch.randn(2, 1, 16, 16)
+    # By hand: the blocks' output with no final norm; mean over the patch tokens; then fc_norm and the head.
+    hidden = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(2, -1, -1), model.embed_patches(imgs)], 1)
+    for block in model.blocks:
+        hidden = block(hidden)
+    assert torch.allclose(model.forward_features(imgs), hidden)
+    pooled = F.layer_norm(hidden[:, 1:].mean(1), (64,), model.fc_norm.weight, model.fc_norm.bias, eps=1e-6)
+    assert torch.allclose(model(imgs), model.head(pooled), atol=1e-6)
+
+
 def test_sincos_position_embedding() -> None:
     emb = sincos_position_embedding_2d(16, 3, cls_token=True)
     assert emb.shape == (10, 16)
@@ -282,3 +297,30 @@ def test_sdpa_attention_matches_manual_softmax() -> None:
     weights = F.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), dim=-1)  # (N, H, T, T)
     manual = attention.proj((weights @ v).transpose(1, 2).reshape(N, T, D))
     assert torch.allclose(attention(x), manual, atol=1e-5)
+
+
+def test_vit_mae_and_dit_share_one_set_of_layers() -> None:
+    from models import dit, layers, vit
+
+    # One class each: the ViT, the MAE decoder and DiT blocks all build from models/layers.py.
+    vit_block = vit.Block(32, 4)
+    dit_block = dit.DiTBlock(32, 4)
+    assert type(vit_block.attn) is type(dit_block.attn) is layers.Attention
+    assert type(vit_block.mlp) is type(dit_block.mlp) is layers.Mlp
+    assert type(vit_from_name("nano", img_size=16, patch_size=4).patch_embed) is layers.PatchEmbed
+    assert type(dit.dit_from_name("DiT-N/2", input_size=8, num_classes=2).x_embedder) is layers.PatchEmbed
+    # DiT keeps its tanh GELU, the ViT the exact one.
+    assert dit_block.mlp.act.approximate == "tanh" and vit_block.mlp.act.approximate == "none"
+    assert torch.equal(dit.get_2d_sincos_pos_embed(16, 3), sincos_position_embedding_2d(16, 3, cls_token=True)[1:])
+
+
+def test_vit_state_dict_keys_are_unchanged() -> None:
+    # Encoders exported before the shared layers existed must still load by name.
+    keys = set(vit_from_name("nano", img_size=16, patch_size=4, num_classes=2).state_dict())
+    expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
+                "norm.bias", "head.weight", "head.bias"}
+    for index in range(4):
+        expected |= {f"blocks.{index}.{name}" for name in (
+            "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+            "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")}
+    assert keys == expected
