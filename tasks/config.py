@@ -68,9 +68,14 @@ class ShardConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    """AdamW with linear warmup then cosine decay; lr = base_lr × global batch / 256 (MAE's rule)."""
+    """AdamW with linear warmup then cosine decay (or a flat lr); lr = base_lr × global batch / 256
+    under MAE's linear scaling rule, or base_lr as it is with ``lr_scaling: none``."""
 
     base_lr: float = Field(default=1.5e-4, gt=0)
+    lr_scaling: Literal["linear", "none"] = Field(
+        default="linear", description="linear: lr = base_lr × global batch / 256 (MAE); none: lr = base_lr.")
+    schedule: Literal["cosine", "constant"] = Field(
+        default="cosine", description="After warmup: cosine decay to min_lr, or the peak lr until the end.")
     min_lr: float = Field(default=0.0, ge=0)
     weight_decay: float = Field(default=0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -94,6 +99,9 @@ class TrainConfig(StrictModel):
     num_workers: int = Field(default=1, ge=0, description="Loader worker processes per rank.")
     shuffle_buffer: int = Field(default=1000, ge=0)
     ema_decay: float | None = Field(default=None, gt=0, lt=1)
+    ema_warmup: bool = Field(
+        default=False, description="EMA decay at step t is min(ema_decay, (1 + t) / (10 + t)), so a short run "
+                                   "does not export weights that are still mostly the random init.")
     nproc_per_node: int = Field(default=1, ge=1)
     nnodes: int = Field(default=1, ge=1)
     rdzv_endpoint: str | None = None
@@ -166,6 +174,33 @@ class LatentConfig(StrictModel):
     splits: list[Literal["train", "val", "test"]] = ["train", "val"]
 
 
+class DiTOptimConfig(OptimConfig):
+    """DiT's recipe (Peebles & Xie): AdamW at a constant 1e-4 (the paper's value at batch 256, not
+    rescaled by batch), betas (0.9, 0.999), no weight decay, no warmup."""
+
+    base_lr: float = Field(default=1e-4, gt=0)
+    lr_scaling: Literal["linear", "none"] = "none"
+    schedule: Literal["cosine", "constant"] = "constant"
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class DiTTrainConfig(TrainConfig):
+    """The engine's settings with DiT's defaults, so a preset that sets only a few keys of ``dit.train``
+    keeps DiT's recipe for the rest: EMA 0.9999 with warm-up, and :class:`DiTOptimConfig`."""
+
+    steps: int = Field(default=500, gt=0, description="Optimizer steps.")
+    optim: DiTOptimConfig = DiTOptimConfig()
+    ema_decay: float | None = Field(default=0.9999, gt=0, lt=1)
+    ema_warmup: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unset_fields_take_dit_defaults(cls, value: Any) -> Any:
+        # A plain TrainConfig handed in (tests, code) keeps only what its author set; the rest is DiT's.
+        return value.model_dump(exclude_unset=True) if isinstance(value, TrainConfig) else value
+
+
 class DiTConfig(StrictModel):
     """Class-conditional diffusion transformer on the latents, sampling with classifier-free guidance."""
 
@@ -178,8 +213,7 @@ class DiTConfig(StrictModel):
     sample_steps: int = Field(default=50, gt=0, description="DDIM steps for samples and the quality score.")
     samples_per_class: int = Field(default=20, gt=0)
     classifier_steps: int = Field(default=300, gt=0, description="Steps of the scoring classifier when none exists.")
-    train: TrainConfig = TrainConfig(steps=500, batch_size=64, ema_decay=0.9999,
-                                     optim=OptimConfig(base_lr=1e-4, weight_decay=0.0, warmup_steps=0))
+    train: DiTTrainConfig = DiTTrainConfig()
 
 
 STAGES = ("shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train")

@@ -91,7 +91,7 @@ def test_dit_training_lowers_the_loss_scores_samples_and_keeps_the_vae_frozen(br
     vae_bytes = (Path(vae.output_dir) / "vae.pt").read_bytes()
     config = DiTConfig(model="DiT-N/1", samples_per_class=3, sample_steps=8, classifier_steps=60, cfg_scale=2.0,
                        train=TrainConfig(batch_size=32, steps=80, checkpoint_every=80, log_every=10, eval_every=80,
-                                         ema_decay=0.9, optim={"base_lr": 8e-3, "weight_decay": 0.0}))
+                                         ema_decay=0.9, optim={"base_lr": 1e-3, "weight_decay": 0.0}))
     result = dit_stage.run(config, [shards, vae, lat], context)
     metrics = result.metrics
     assert metrics["final_loss"] < 0.9 * metrics["first_loss"]
@@ -108,7 +108,7 @@ def test_dit_trains_under_torchrun_with_two_cpu_processes(branch, tmp_path):
     _, _, shards, vae, lat = branch
     config = DiTConfig(model="DiT-N/1", samples_per_class=2, sample_steps=2, classifier_steps=5,
                        train=TrainConfig(batch_size=16, steps=6, checkpoint_every=3, log_every=1, eval_every=6,
-                                         ema_decay=0.9, nproc_per_node=2, optim={"base_lr": 4e-3, "weight_decay": 0.0}))
+                                         ema_decay=0.9, nproc_per_node=2, optim={"base_lr": 5e-4, "weight_decay": 0.0}))
     result = dit_stage.run(config, [shards, vae, lat], StageContext(data_root=tmp_path))
     summary = json.loads((Path(result.output_dir) / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6 and all(math.isfinite(x) for x in summary["losses"])
@@ -141,3 +141,61 @@ def test_frechet_distance_matches_closed_form_for_gaussians():
     # N(0, I) vs N(1, 4I): |Δμ|² = 3, tr = 3 + 12 - 2·tr(2I) = 3 → 6
     assert frechet_distance(a, b) == pytest.approx(6.0, rel=0.1)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------- DiT's optimiser and EMA recipe
+
+
+def test_dit_recipe_is_constant_unscaled_lr_with_dit_betas_even_under_partial_presets():
+    from tasks.config import load_config
+    from tasks.engine import lr_factor, peak_learning_rate
+
+    for train in (DiTConfig().train, load_config("smoke").dit.train,
+                  DiTConfig(train=TrainConfig(batch_size=32, steps=80)).train):
+        optim = train.optim
+        assert optim.betas == (0.9, 0.999) and optim.weight_decay == 0.0 and train.ema_warmup
+        assert peak_learning_rate(optim, global_batch=1024) == optim.base_lr  # not rescaled by batch
+        assert all(lr_factor(step, 1000, optim, optim.base_lr) == 1.0 for step in (0, 500, 999, 1000))
+    assert (DiTConfig().train.optim.base_lr, DiTConfig().train.ema_decay) == (1e-4, 0.9999)
+    # MAE keeps its linear scaling and cosine decay.
+    mae = TrainConfig().optim
+    assert peak_learning_rate(mae, global_batch=512) == pytest.approx(2 * mae.base_lr)
+    assert lr_factor(999, 1000, mae, peak_learning_rate(mae, 512)) < 1e-3
+
+
+def test_constant_schedule_warms_up_then_stays_flat():
+    from tasks.config import OptimConfig
+    from tasks.engine import lr_factor
+
+    optim = OptimConfig(base_lr=1e-3, warmup_steps=4, schedule="constant", lr_scaling="none")
+    assert [lr_factor(step, 20, optim, 1e-3) for step in range(8)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_ema_warmup_follows_the_step_and_tracks_a_short_run(tmp_path):
+    from tasks.engine import TrainJob, ema_decay_at, train
+
+    config = TrainConfig(ema_decay=0.9999, ema_warmup=True)
+    assert [ema_decay_at(t, config) for t in (0, 1, 90)] == pytest.approx([0.1, 2 / 11, 0.91])
+    assert ema_decay_at(10**6, config) == 0.9999
+    assert ema_decay_at(0, TrainConfig(ema_decay=0.9999)) == 0.9999  # no warm-up unless asked
+
+    def run(warmup: bool) -> float:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        target = torch.nn.Linear(4, 1)
+
+        def batches(epoch, skip):
+            generator = torch.Generator().manual_seed(0)
+            while True:
+                x = torch.randn(16, 4, generator=generator)
+                yield 0, 0, {"image": x, "target": target(x).detach()}
+
+        summary = train(TrainJob(
+            model=model, loss_fn=lambda m, b: (((m(b["image"]) - b["target"]) ** 2).mean(), {}), batches=batches,
+            config=TrainConfig(steps=50, batch_size=16, ema_decay=0.9999, ema_warmup=warmup, checkpoint_every=50,
+                               optim={"base_lr": 0.05, "lr_scaling": "none", "schedule": "constant", "weight_decay": 0.0}),
+            checkpoint_dir=tmp_path / f"warmup-{warmup}", signature={}))
+        return float(sum((e - p.detach()).abs().sum() for e, p in zip(summary.ema.parameters(), model.parameters())))
+
+    # 50 steps at 0.9999 leave the EMA at the init; with warm-up it follows the trained weights.
+    assert run(warmup=True) < 0.2 * run(warmup=False)
