@@ -215,6 +215,14 @@ class DiTConfig(StrictModel):
     classifier_steps: int = Field(default=300, gt=0, description="Steps of the scoring classifier when none exists.")
     train: DiTTrainConfig = DiTTrainConfig()
 
+    @model_validator(mode="after")
+    def _guidance_needs_a_null_class(self) -> "DiTConfig":
+        # Without label dropout the model never learns the null class, so guidance would extrapolate from noise.
+        if self.cfg_scale > 1 and self.class_dropout_prob == 0:
+            raise ValueError(f"cfg_scale={self.cfg_scale} needs class_dropout_prob > 0 (got 0): guidance uses the "
+                             f"null class that label dropout trains; set cfg_scale: 1 or class_dropout_prob: 0.1")
+        return self
+
 
 STAGES = ("shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train")
 StageName = Literal["shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train"]

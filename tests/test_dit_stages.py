@@ -199,3 +199,9 @@ def test_ema_warmup_follows_the_step_and_tracks_a_short_run(tmp_path):
 
     # 50 steps at 0.9999 leave the EMA at the init; with warm-up it follows the trained weights.
     assert run(warmup=True) < 0.2 * run(warmup=False)
+
+
+def test_guidance_without_label_dropout_is_a_config_error_naming_both_fields():
+    with pytest.raises(ValueError, match=r"cfg_scale.*class_dropout_prob|class_dropout_prob.*cfg_scale"):
+        DiTConfig(cfg_scale=4.0, class_dropout_prob=0.0)
+    assert DiTConfig(cfg_scale=1.0, class_dropout_prob=0.0).cfg_scale == 1.0  # unguided sampling needs no null class
