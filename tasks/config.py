@@ -205,12 +205,18 @@ class DiTConfig(StrictModel):
     """Class-conditional diffusion transformer on the latents, sampling with classifier-free guidance."""
 
     model: str = "DiT-N/2"
-    learn_sigma: bool = False
+    learn_sigma: bool = Field(
+        default=False, description="Also predict the variance, trained with the hybrid loss (MSE + VLB term) "
+                                   "and used by DDPM sampling.")
     class_dropout_prob: float = Field(default=0.1, ge=0, lt=1)
     num_timesteps: int = Field(default=1000, gt=1)
     schedule: Literal["linear", "cosine"] = "linear"
     cfg_scale: float = Field(default=4.0, ge=1.0, description="Classifier-free guidance scale (1 = no guidance).")
-    sample_steps: int = Field(default=50, gt=0, description="DDIM steps for samples and the quality score.")
+    sampler: Literal["ddim", "ddpm"] = Field(
+        default="ddim", description="ddim: deterministic (eta 0); ddpm: ancestral, with the learned or a fixed variance.")
+    sample_steps: int = Field(default=50, gt=0, description="Sampler steps for samples and the quality score.")
+    sample_variance: Literal["fixed_small", "fixed_large"] = Field(
+        default="fixed_large", description="DDPM step variance without learn_sigma: posterior beta~_t, or beta_t (DiT).")
     samples_per_class: int = Field(default=20, gt=0)
     classifier_steps: int = Field(default=300, gt=0, description="Steps of the scoring classifier when none exists.")
     train: DiTTrainConfig = DiTTrainConfig()
