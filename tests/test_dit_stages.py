@@ -205,3 +205,97 @@ def test_guidance_without_label_dropout_is_a_config_error_naming_both_fields():
     with pytest.raises(ValueError, match=r"cfg_scale.*class_dropout_prob|class_dropout_prob.*cfg_scale"):
         DiTConfig(cfg_scale=4.0, class_dropout_prob=0.0)
     assert DiTConfig(cfg_scale=1.0, class_dropout_prob=0.0).cfg_scale == 1.0  # unguided sampling needs no null class
+
+
+# ------------------------------------------------- devices: every stage computes where it is told
+# No GPU in CI: weights on the `meta` device stand in for one. A step that forced the CPU would meet
+# meta weights with CPU tensors and fail; fakes hand CPU results back where real code would copy them.
+
+
+class _DeviceRecorder(torch.nn.Module):
+    """Weights on `meta`; records the device of what it is given and answers with CPU tensors."""
+
+    def __init__(self, latent_channels: int = 2):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, device="meta"))
+        self.latent_channels, self.seen = latent_channels, []
+
+    def encode(self, x):
+        self.seen.append(x.device.type)
+        return torch.zeros(len(x), self.latent_channels, x.shape[-2] // 8, x.shape[-1] // 8)
+
+
+def test_sampling_runs_on_the_models_device_and_decodes_on_the_vaes(monkeypatch):
+    from models.diffusion import GaussianDiffusion
+    from models.dit import dit_from_name
+    from models.vae import TinyAutoencoder
+
+    with torch.device("meta"):
+        model = dit_from_name("DiT-N/1", input_size=4, in_channels=8, num_classes=3, learn_sigma=True)
+        vae = TinyAutoencoder(latent_channels=8, width=8, midblock_gn=False)
+    generators, noise, decoded = [], [], []
+
+    class RecordingGenerator:  # torch cannot make a generator on `meta`; record where one is asked for
+        def __init__(self, device="cpu"):
+            self.device = torch.device(device)
+            generators.append(self.device.type)
+
+        def manual_seed(self, seed):
+            return self
+
+    def randn(shape, generator, device):
+        noise.append((generator.device.type, torch.device(device).type))
+        return torch.randn(shape, device=device)
+
+    monkeypatch.setattr(torch, "Generator", RecordingGenerator)
+    monkeypatch.setattr(GaussianDiffusion, "_randn", staticmethod(randn))
+    vae.decoder.register_forward_pre_hook(lambda module, args: decoded.append(args[0].device.type))
+    codec = dit_stage.LatentCodec({"mean": [0.0] * 8, "std": [1.0] * 8})
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    for sampler in ("ddim", "ddpm"):
+        config = DiTConfig(sampler=sampler, sample_steps=3, cfg_scale=2.0)
+        images = dit_stage.sample_images(model, GaussianDiffusion(), vae, codec, labels, config, seed=0, chunk=4)
+        assert images.shape == (5, 3, 32, 32) and images.device.type == "meta"
+    assert set(generators) == {"meta"} and set(noise) == {("meta", "meta")} and decoded == ["meta"] * 4
+
+
+def test_vae_encoding_and_statistics_run_on_the_vaes_device(monkeypatch, tmp_path):
+    batches = [{"image": torch.rand(4, 3, 16, 16), "label": torch.arange(4), "key": [f"k{i}-{j}" for j in range(4)]}
+               for i in range(3)]
+    monkeypatch.setattr(latents, "evaluation_batches", lambda spec: iter(batches))
+    monkeypatch.setattr(vae_train, "evaluation_batches", lambda spec: iter(batches))
+    vae = _DeviceRecorder()
+    count = latents.encode_shard(vae, "unused.tar", tmp_path / "train-000000.tar", 16, 4, hflip=True, device="meta")
+    assert count == 24 and vae.seen == ["meta"] * 6
+    vae.seen.clear()
+    stats = vae_train.latent_statistics(vae, vae_train.rgb01_spec(("unused.tar",), 16, batch_size=4), max_images=8)
+    assert vae.seen == ["meta"] * 2 and len(stats["mean"]) == 2
+
+
+def test_a_gpu_host_trains_the_vae_and_scores_on_the_gpu(monkeypatch, tmp_path):
+    from tasks.devices import default_device, stage_device
+    from tasks.quality import ImageClassifier
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_device() == "cuda" and stage_device(StageContext(data_root=tmp_path)) == "cuda"
+    assert stage_device(StageContext(data_root=tmp_path, extra={"device": "cpu"})) == "cpu"
+    jobs = []
+    monkeypatch.setattr(vae_train, "train", jobs.append)
+    monkeypatch.setattr(vae_train, "image_spec", lambda *args, **kwargs: None)
+    vae_train.train_small_vae(VAEConfig(), "unused.json", tmp_path, device="cuda")
+    assert jobs[0].dist.device == "cuda"
+
+    class Classifier(_DeviceRecorder):
+        def forward_features(self, x):
+            self.seen.append(x.device.type)
+            return torch.ones(len(x), 2, 4)
+
+        def pool(self, tokens):
+            return tokens.mean(1)
+
+        def head(self, pooled):
+            return pooled[:, :2]
+
+    classifier = ImageClassifier(Classifier(), 8, 3, (0.5,) * 3, (0.5,) * 3)
+    logits, features = classifier.logits_and_features(torch.rand(5, 3, 8, 8), batch_size=2)
+    assert classifier.model.seen == ["meta"] * 3 and logits.device.type == features.device.type == "cpu"
