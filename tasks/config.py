@@ -68,9 +68,14 @@ class ShardConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    """AdamW with linear warmup then cosine decay; lr = base_lr × global batch / 256 (MAE's rule)."""
+    """AdamW with linear warmup then cosine decay (or a flat lr); lr = base_lr × global batch / 256
+    under MAE's linear scaling rule, or base_lr as it is with ``lr_scaling: none``."""
 
     base_lr: float = Field(default=1.5e-4, gt=0)
+    lr_scaling: Literal["linear", "none"] = Field(
+        default="linear", description="linear: lr = base_lr × global batch / 256 (MAE); none: lr = base_lr.")
+    schedule: Literal["cosine", "constant"] = Field(
+        default="cosine", description="After warmup: cosine decay to min_lr, or the peak lr until the end.")
     min_lr: float = Field(default=0.0, ge=0)
     weight_decay: float = Field(default=0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -94,6 +99,9 @@ class TrainConfig(StrictModel):
     num_workers: int = Field(default=1, ge=0, description="Loader worker processes per rank.")
     shuffle_buffer: int = Field(default=1000, ge=0)
     ema_decay: float | None = Field(default=None, gt=0, lt=1)
+    ema_warmup: bool = Field(
+        default=False, description="EMA decay at step t is min(ema_decay, (1 + t) / (10 + t)), so a short run "
+                                   "does not export weights that are still mostly the random init.")
     nproc_per_node: int = Field(default=1, ge=1)
     nnodes: int = Field(default=1, ge=1)
     rdzv_endpoint: str | None = None
@@ -171,20 +179,60 @@ class LatentConfig(StrictModel):
     splits: list[Literal["train", "val", "test"]] = ["train", "val"]
 
 
+class DiTOptimConfig(OptimConfig):
+    """DiT's recipe (Peebles & Xie): AdamW at a constant 1e-4 (the paper's value at batch 256, not
+    rescaled by batch), betas (0.9, 0.999), no weight decay, no warmup."""
+
+    base_lr: float = Field(default=1e-4, gt=0)
+    lr_scaling: Literal["linear", "none"] = "none"
+    schedule: Literal["cosine", "constant"] = "constant"
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class DiTTrainConfig(TrainConfig):
+    """The engine's settings with DiT's defaults, so a preset that sets only a few keys of ``dit.train``
+    keeps DiT's recipe for the rest: EMA 0.9999 with warm-up, and :class:`DiTOptimConfig`."""
+
+    steps: int = Field(default=500, gt=0, description="Optimizer steps.")
+    optim: DiTOptimConfig = DiTOptimConfig()
+    ema_decay: float | None = Field(default=0.9999, gt=0, lt=1)
+    ema_warmup: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unset_fields_take_dit_defaults(cls, value: Any) -> Any:
+        # A plain TrainConfig handed in (tests, code) keeps only what its author set; the rest is DiT's.
+        return value.model_dump(exclude_unset=True) if isinstance(value, TrainConfig) else value
+
+
 class DiTConfig(StrictModel):
     """Class-conditional diffusion transformer on the latents, sampling with classifier-free guidance."""
 
     model: str = "DiT-N/2"
-    learn_sigma: bool = False
+    learn_sigma: bool = Field(
+        default=False, description="Also predict the variance, trained with the hybrid loss (MSE + VLB term) "
+                                   "and used by DDPM sampling.")
     class_dropout_prob: float = Field(default=0.1, ge=0, lt=1)
     num_timesteps: int = Field(default=1000, gt=1)
     schedule: Literal["linear", "cosine"] = "linear"
     cfg_scale: float = Field(default=4.0, ge=1.0, description="Classifier-free guidance scale (1 = no guidance).")
-    sample_steps: int = Field(default=50, gt=0, description="DDIM steps for samples and the quality score.")
+    sampler: Literal["ddim", "ddpm"] = Field(
+        default="ddim", description="ddim: deterministic (eta 0); ddpm: ancestral, with the learned or a fixed variance.")
+    sample_steps: int = Field(default=50, gt=0, description="Sampler steps for samples and the quality score.")
+    sample_variance: Literal["fixed_small", "fixed_large"] = Field(
+        default="fixed_large", description="DDPM step variance without learn_sigma: posterior beta~_t, or beta_t (DiT).")
     samples_per_class: int = Field(default=20, gt=0)
     classifier_steps: int = Field(default=300, gt=0, description="Steps of the scoring classifier when none exists.")
-    train: TrainConfig = TrainConfig(steps=500, batch_size=64, ema_decay=0.9999,
-                                     optim=OptimConfig(base_lr=1e-4, weight_decay=0.0, warmup_steps=0))
+    train: DiTTrainConfig = DiTTrainConfig()
+
+    @model_validator(mode="after")
+    def _guidance_needs_a_null_class(self) -> "DiTConfig":
+        # Without label dropout the model never learns the null class, so guidance would extrapolate from noise.
+        if self.cfg_scale > 1 and self.class_dropout_prob == 0:
+            raise ValueError(f"cfg_scale={self.cfg_scale} needs class_dropout_prob > 0 (got 0): guidance uses the "
+                             f"null class that label dropout trains; set cfg_scale: 1 or class_dropout_prob: 0.1")
+        return self
 
 
 STAGES = ("shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train")

@@ -21,7 +21,8 @@ from models.dit import DiT, dit_from_name
 from models.vae import parameter_fingerprint
 from tasks.checkpoint import save_torch_atomic
 from tasks.config import DiTConfig, OptimConfig, TrainConfig
-from tasks.distributed import init_distributed, launch_training, loss_ends, run_rank, shutdown_distributed
+from tasks.devices import module_device, stage_device
+from tasks.distributed import DistInfo, init_distributed, launch_training, loss_ends, run_rank, shutdown_distributed
 from tasks.engine import TrainJob, seed_everything, train
 from tasks.finetune import build_encoder, train_classifier
 from tasks.latents import latent_batches, load_latents
@@ -53,25 +54,34 @@ class LatentCodec:
         self.std = torch.tensor(stats["std"]).view(1, -1, 1, 1)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self.mean) / self.std
+        return (z - self.mean.to(z.device)) / self.std.to(z.device)
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.std + self.mean
+        return z * self.std.to(z.device) + self.mean.to(z.device)
 
 
 @torch.no_grad()
 def sample_images(model: DiT, diffusion: GaussianDiffusion, vae: torch.nn.Module, codec: LatentCodec,
                   labels: torch.Tensor, config: DiTConfig, seed: int, chunk: int = 256) -> torch.Tensor:
-    """Class-conditional samples (DDIM, classifier-free guidance) decoded to RGB in [0, 1]."""
+    """Class-conditional samples (``config.sampler``, classifier-free guidance) decoded to RGB in [0, 1].
+
+    Sampling runs where the model lives, with a generator there (no per-step host copies of noise);
+    decoding runs where the VAE lives, and the images stay there.
+    """
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    device, vae_device = module_device(model), module_device(vae)
+    generator = torch.Generator(device=device).manual_seed(seed)
     shape = (model.in_channels, model.input_size, model.input_size)
     images = []
     for start in range(0, len(labels), chunk):
-        y = labels[start:start + chunk]
-        z = diffusion.ddim_sample(model, (len(y), *shape), y, cfg_scale=config.cfg_scale, steps=config.sample_steps,
-                                  generator=generator, device="cpu")
-        images.append(vae.decode(codec.denormalize(z)))
+        y = labels[start:start + chunk].to(device)
+        if config.sampler == "ddpm":
+            z = diffusion.ddpm_sample(model, (len(y), *shape), y, cfg_scale=config.cfg_scale, steps=config.sample_steps,
+                                      variance=config.sample_variance, generator=generator, device=device)
+        else:
+            z = diffusion.ddim_sample(model, (len(y), *shape), y, cfg_scale=config.cfg_scale, steps=config.sample_steps,
+                                      generator=generator, device=device)
+        images.append(vae.decode(codec.denormalize(z.to(vae_device))))  # (n, 3, H, W)
     return torch.cat(images)
 
 
@@ -79,21 +89,23 @@ def image_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
     """(N, C, H, W) → one (C, rows·H, columns·W) picture, row-major."""
     n, c, h, w = images.shape
     rows = -(-n // columns)
-    padded = torch.ones(rows * columns, c, h, w)
+    padded = torch.ones(rows * columns, c, h, w, device=images.device)
     padded[:n] = images
     return padded.view(rows, columns, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, columns * w)
 
 
 def scoring_classifier(inputs: list[StageResult], shards: StageResult, image_size: int, config: DiTConfig,
-                       num_classes: int, output_dir: Path) -> tuple[ImageClassifier, str]:
-    """The evaluation stage's fine-tuned classifier when there is one, else a small ViT trained here."""
+                       num_classes: int, output_dir: Path, device: str = "cpu") -> tuple[ImageClassifier, str]:
+    """The evaluation stage's fine-tuned classifier when there is one, else a small ViT trained here
+    (on ``device``, where the returned classifier lives either way)."""
     evaluation = next((r for r in inputs if r.stage == "evaluate"), None)
     if evaluation is not None and "classifier" in evaluation.manifest()["outputs"]:
         outputs = evaluation.manifest()["outputs"]
         model = build_encoder(outputs["architecture"], num_classes=outputs["classifier"]["num_classes"])
         model.load_state_dict(torch.load(Path(evaluation.output_dir) / outputs["classifier"]["path"], map_location="cpu"))
         arch, norm = outputs["architecture"], outputs["normalization"]
-        return ImageClassifier(model, arch["image_size"], arch["in_chans"], tuple(norm["mean"]), tuple(norm["std"])), "evaluate"
+        return ImageClassifier(model.to(device), arch["image_size"], arch["in_chans"], tuple(norm["mean"]),
+                               tuple(norm["std"])), "evaluate"
     architecture = {"encoder_size": "nano", "image_size": image_size, "patch_size": 4, "in_chans": 3}
     seed_everything(0)
     model = build_encoder(architecture, num_classes=num_classes)
@@ -102,7 +114,7 @@ def scoring_classifier(inputs: list[StageResult], shards: StageResult, image_siz
                                log_every=max(1, config.classifier_steps // 5), num_workers=0,
                                optim=OptimConfig(base_lr=4e-3, weight_decay=0.05, warmup_steps=config.classifier_steps // 10))
     train_classifier(model, spec, train_config, output_dir / "classifier" / "checkpoints", architecture,
-                     layer_decay=1.0, label_smoothing=0.0)
+                     layer_decay=1.0, label_smoothing=0.0, dist=DistInfo(device=device))
     return ImageClassifier(model, image_size, 3, (0.5,) * 3, (0.5,) * 3), "trained_here"
 
 
@@ -137,7 +149,8 @@ def train_worker(job_path: Path) -> None:
     diffusion = GaussianDiffusion(config.num_timesteps, config.schedule)
     on_eval = None
     if dist.is_main:
-        vae, grid_labels = load_vae(vae_result), torch.arange(len(classes)).repeat(2)
+        # The EMA model the hook gets lives on this rank's device: sample there, decode there.
+        vae, grid_labels = load_vae(vae_result).to(dist.device), torch.arange(len(classes)).repeat(2)
 
         def on_eval(ema_model: DiT, step: int) -> None:
             samples = sample_images(ema_model, diffusion, vae, codec, grid_labels, config, seed=0)
@@ -191,13 +204,17 @@ def run(config: DiTConfig, inputs: list[StageResult], context: StageContext) -> 
                                   checkpoint_dir=output_dir / "checkpoints", log=log.info)
         ema = model  # the stage's copy takes the EMA weights rank 0 exported
         ema.load_state_dict(torch.load(output_dir / "dit.pt", map_location="cpu"))
+        device = stage_device(context)
+        ema.to(device)
+        vae.to(device)
 
-        classifier, source = scoring_classifier(inputs, shards, image_size, config, len(classes), output_dir)
+        classifier, source = scoring_classifier(inputs, shards, image_size, config, len(classes), output_dir, device)
         sample_labels = torch.arange(len(classes)).repeat_interleave(config.samples_per_class)
         generated = sample_images(ema, diffusion, vae, codec, sample_labels, config, seed=1)
         real, real_labels = real_images(shards, image_size, limit=max(len(sample_labels), 200))
         scores = quality_scores(classifier, generated, sample_labels, real, real_labels)
-        log_image(image_grid(generated[sample_labels.argsort(stable=True)][: 8 * len(classes)], 8), "samples_final.png")
+        by_class = sample_labels.argsort(stable=True).to(generated.device)
+        log_image(image_grid(generated[by_class][: 8 * len(classes)], 8), "samples_final.png")
         if parameter_fingerprint(vae) != fingerprint:
             raise RuntimeError(f"the frozen VAE from {vae_result.output_dir} changed during DiT training")
         metrics = {**loss_ends(summary["losses"], 20), "latents_per_s": summary["images_per_s"], "train_wall_s": summary["wall_s"], **scores}

@@ -102,17 +102,28 @@ def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str
 
 
 def peak_learning_rate(optim: OptimConfig, global_batch: int) -> float:
-    """MAE's linear scaling rule: lr = base_lr × global batch / 256."""
+    """MAE's linear scaling rule, lr = base_lr × global batch / 256; or base_lr as it is (DiT's recipe)."""
+    if optim.lr_scaling == "none":
+        return optim.base_lr
     return optim.base_lr * global_batch / 256
 
 
 def lr_factor(step: int, total_steps: int, optim: OptimConfig, peak_lr: float) -> float:
-    """Per-step multiplier of the peak lr: linear warmup, then cosine decay to ``min_lr``."""
+    """Per-step multiplier of the peak lr: linear warmup, then cosine decay to ``min_lr`` (or flat)."""
     if step < optim.warmup_steps:
         return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
     progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
     floor = optim.min_lr / peak_lr
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def ema_decay_at(step: int, config: TrainConfig) -> float:
+    """EMA decay for the update after ``step`` optimizer steps; with warm-up, min(decay, (1 + t) / (10 + t)),
+    so the average forgets the random init within the first few hundred steps of any budget."""
+    decay = float(config.ema_decay or 0.0)
+    return min(decay, (1 + step) / (10 + step)) if config.ema_warmup else decay
 
 
 def autocast_context(precision: str, device: str) -> contextlib.AbstractContextManager:
@@ -216,7 +227,7 @@ def train(job: TrainJob) -> TrainSummary:
         optimizer.step()
         scheduler.step()
         if ema is not None:
-            _update_ema(ema, core, cfg.ema_decay)
+            _update_ema(ema, core, ema_decay_at(step, cfg))
         step += 1
         losses.append(step_loss)
         if dist.is_main and job.log_metrics and (step % cfg.log_every == 0 or step == cfg.steps):

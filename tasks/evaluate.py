@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -20,7 +19,8 @@ from data_shards.atomic import sha256_file
 from data_shards.loader import LoaderSpec, evaluation_batches, split_shards
 from models.vit import VisionTransformer
 from tasks.config import EvalConfig
-from tasks.features import extract_features, save_features
+from tasks.devices import stage_device
+from tasks.features import extract_features, random_subset, save_features
 from tasks.finetune import (FinetuneJob, build_encoder, confusion_image, confusion_matrix, load_encoder_weights,
                             predict, run_finetune)
 from tasks.probes import bn_linear_probe, check_labels, knn_accuracy, logistic_regression_probe
@@ -29,6 +29,7 @@ from tasks.tracking import stage_run
 
 STAGE = "evaluate"
 SPLITS = ("train", "val", "test")
+SUBSET_SEED = 0  # probe features and the pixel baseline take the same random subset of train
 log = logging.getLogger("patchflow.evaluate")
 
 
@@ -52,8 +53,9 @@ def _spec(manifest_path: str, split: str, architecture: dict, normalization: dic
 
 
 def _batches(spec: LoaderSpec, limit: int | None) -> Iterable[dict[str, Any]]:
-    batches = evaluation_batches(spec)
-    return batches if limit is None else islice(batches, -(-limit // spec.batch_size))
+    """Every batch of the split, or a seeded random subset of ``limit`` samples (never the first N:
+    shards written class by class would leave classes out)."""
+    return random_subset(evaluation_batches(spec), limit, SUBSET_SEED, spec.batch_size)
 
 
 def _probe(config: EvalConfig, x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> dict[str, float]:
@@ -64,12 +66,14 @@ def _probe(config: EvalConfig, x: dict[str, np.ndarray], y: dict[str, np.ndarray
 
 
 def frozen_feature_scores(config: EvalConfig, encoder: VisionTransformer, specs: dict[str, LoaderSpec],
-                          features_dir: Path, name: str) -> dict[str, float]:
-    """Linear probe and kNN on one encoder's frozen features (cached as arrays for reuse)."""
+                          features_dir: Path, name: str, device: str = "cpu") -> dict[str, float]:
+    """Linear probe and kNN on one encoder's frozen features (cached as arrays for reuse); the encoder
+    runs on ``device``."""
     feats = {}
+    encoder.to(device)
     for split, spec in specs.items():
         limit = config.max_train_features if split == "train" else None
-        feats[split] = extract_features(encoder, _batches(spec, limit), blocks=config.feature_blocks)
+        feats[split] = extract_features(encoder, _batches(spec, limit), device=device, blocks=config.feature_blocks)
         save_features(features_dir / f"{name}-{split}.npz", feats[split])
     x = {s: f[config.pool] for s, f in feats.items()}
     y = {s: f["labels"] for s, f in feats.items()}
@@ -93,7 +97,7 @@ def raw_pixel_scores(config: EvalConfig, specs: dict[str, LoaderSpec]) -> dict[s
 
 def finetune_scores(config: EvalConfig, architecture: dict, encoder_path: Path | None, num_classes: int,
                     specs: dict[str, LoaderSpec], output_dir: Path, name: str, classes: list[str],
-                    run_id: str, data_root: Path) -> dict[str, float]:
+                    run_id: str, data_root: Path, device: str = "cpu") -> dict[str, float]:
     """Fine-tune the pretrained encoder (or train the same ViT from scratch when no weights)."""
     train = config.finetune_train
     train_spec = dataclasses.replace(specs["train"], shuffle=True, augment="crop_flip", batch_size=train.batch_size,
@@ -107,7 +111,7 @@ def finetune_scores(config: EvalConfig, architecture: dict, encoder_path: Path |
         weights_path=str(output_dir / ("classifier.pt" if name == "finetune" else f"{name}/model.pt")),
         metric_prefix=f"{name}/")
     model, summary = run_finetune(job, output_dir / name / "job.json", run_id, data_root, log=log.info)
-    predicted, true = predict(model, specs["test"])
+    predicted, true = predict(model.to(device), specs["test"], device)
     scores = {f"{name}_top1": float((predicted == true).mean()), f"{name}_train_wall_s": summary["wall_s"]}
     if name == "finetune":
         matrix = confusion_matrix(predicted, true, num_classes)
@@ -143,13 +147,14 @@ def run(config: EvalConfig, inputs: list[StageResult], context: StageContext) ->
 
     with stage_run(STAGE, context.data_root, context.parent_run_id, params=config.model_dump(mode="json"),
                    system_metrics=True) as tracked:
-        metrics = frozen_feature_scores(config, encoder, specs, features_dir, "mae")
-        metrics |= frozen_feature_scores(config, random_encoder, specs, features_dir, "random_init")
+        device = stage_device(context)
+        metrics = frozen_feature_scores(config, encoder, specs, features_dir, "mae", device)
+        metrics |= frozen_feature_scores(config, random_encoder, specs, features_dir, "random_init", device)
         metrics |= raw_pixel_scores(config, specs)
         if config.finetune:
             for name, weights in (("finetune", encoder_path), ("scratch", None)):
                 metrics |= finetune_scores(config, architecture, weights, len(classes), specs, output_dir, name,
-                                           classes, tracked.info.run_id, context.data_root)
+                                           classes, tracked.info.run_id, context.data_root, device)
             metrics["finetune_margin_over_scratch"] = metrics["finetune_top1"] - metrics["scratch_top1"]
         metrics["linear_margin_over_pixels"] = metrics["mae_linear_top1"] - metrics["pixels_linear_top1"]
         metrics["linear_margin_over_random_init"] = metrics["mae_linear_top1"] - metrics["random_init_linear_top1"]

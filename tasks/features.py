@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import random
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ import torch.nn as nn
 from data_shards.atomic import write_bytes_atomic
 from models.vit import VisionTransformer
 
-__all__ = ["POOLS", "extract_features", "save_features", "load_features"]
+__all__ = ["POOLS", "extract_features", "random_subset", "save_features", "load_features"]
 
 POOLS: tuple[str, ...] = ("token", "avg")
 LABELS_KEY = "labels"
@@ -100,6 +101,44 @@ def extract_features(
     features = {how: np.concatenate(chunks).astype(np.float32, copy=False) for how, chunks in pooled.items()}
     features[LABELS_KEY] = np.concatenate(labels)
     return features
+
+
+def random_subset(batches: Iterable[dict[str, Any]], limit: int | None, seed: int,
+                  batch_size: int = 256) -> Iterator[dict[str, Any]]:
+    """A seeded uniform random subset of ``limit`` samples of a batch stream, in stream order.
+
+    Shards are often written class by class, so the first N samples are no sample of the split.
+    Reservoir sampling takes the subset in one pass without knowing the split's size; it holds at
+    most ``limit`` samples. ``limit`` None (or at least the stream's size) yields every sample.
+
+    Args:
+        batches: dicts of equal-length tensors (and lists) along the first dimension.
+        limit: how many samples to keep; None keeps all (the batches pass through untouched).
+        seed: the same seed and stream give the same subset.
+        batch_size: size of the batches yielded.
+    """
+    if limit is None:
+        yield from batches
+        return
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, dict[str, Any]]] = []
+    seen = 0
+    for batch in batches:
+        for row in range(len(batch["image"])):
+            slot = seen if seen < limit else rng.randrange(seen + 1)
+            if slot < limit:
+                # clone: a view would keep its whole batch alive
+                sample = {k: v[row].clone() if torch.is_tensor(v) else v[row] for k, v in batch.items()}
+                if slot == len(reservoir):
+                    reservoir.append((seen, sample))
+                else:
+                    reservoir[slot] = (seen, sample)
+            seen += 1
+    reservoir.sort(key=lambda item: item[0])
+    for start in range(0, len(reservoir), batch_size):
+        rows = [sample for _, sample in reservoir[start:start + batch_size]]
+        yield {k: torch.stack([r[k] for r in rows]) if torch.is_tensor(rows[0][k]) else [r[k] for r in rows]
+               for k in rows[0]}
 
 
 def save_features(path: Path, features: dict[str, np.ndarray]) -> None:

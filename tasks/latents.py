@@ -22,6 +22,7 @@ from data_shards.atomic import sha256_file, write_json_atomic
 from data_shards.loader import evaluation_batches, iterate_tar, split_shards
 from models.vae import parameter_fingerprint
 from tasks.config import LatentConfig
+from tasks.devices import stage_device
 from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
 from tasks.tracking import stage_run
 from tasks.vae_train import load_vae, rgb01_spec
@@ -37,16 +38,19 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
 
 
 @torch.no_grad()
-def encode_shard(vae: torch.nn.Module, source: str, target: Path, image_size: int, batch_size: int, hflip: bool) -> int:
-    """Encode one image shard into one latent shard (temp file + rename); returns the sample count."""
+def encode_shard(vae: torch.nn.Module, source: str, target: Path, image_size: int, batch_size: int, hflip: bool,
+                 device: str | torch.device = "cpu") -> int:
+    """Encode one image shard into one latent shard (temp file + rename) with the VAE on ``device``
+    (where it must already live); returns the sample count."""
     spec = rgb01_spec((source,), image_size, batch_size)
     partial = target.with_name(f".{target.name}.partial")
     count = 0
     with wds.TarWriter(str(partial), mtime=0.0, user="patchflow", group="patchflow", mode=0o444) as writer:
         for batch in evaluation_batches(spec):
-            views = [("", batch["image"])] + ([("_flip", batch["image"].flip(-1))] if hflip else [])
-            for suffix, images in views:
-                latents = vae.encode(images).half()  # (N, C, h, w): fp16 halves storage, diffusion-safe
+            images = batch["image"].to(device)  # (N, 3, H, W)
+            views = [("", images)] + ([("_flip", images.flip(-1))] if hflip else [])
+            for suffix, view in views:
+                latents = vae.encode(view).half().cpu()  # (N, C, h, w): fp16 halves storage, diffusion-safe
                 for key, latent, label in zip(batch["key"], latents, batch["label"].tolist()):
                     writer.write({"__key__": key + suffix, "pth": _tensor_bytes(latent), "cls": str(label).encode()})
                     count += 1
@@ -69,7 +73,8 @@ def run(config: LatentConfig, inputs: list[StageResult], context: StageContext) 
     missing = [s for s in config.splits if s not in available]
     if missing:
         raise ValueError(f"latents.splits: {missing} not in the shards ({shards.manifest_path} has {sorted(available)})")
-    vae = load_vae(vae_result)
+    device = stage_device(context)
+    vae = load_vae(vae_result).to(device)
     vae_outputs = vae_result.manifest()["outputs"]
     fingerprint = parameter_fingerprint(vae)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -82,7 +87,8 @@ def run(config: LatentConfig, inputs: list[StageResult], context: StageContext) 
                 if target.is_file() and _sidecar(target).is_file():
                     count = json.loads(_sidecar(target).read_text())["samples"]  # finished by an earlier attempt
                 else:
-                    count = encode_shard(vae, source, target, vae_outputs["image_size"], config.batch_size, config.hflip_copy)
+                    count = encode_shard(vae, source, target, vae_outputs["image_size"], config.batch_size, config.hflip_copy,
+                                         device)
                     write_json_atomic(_sidecar(target), {"samples": count, "source": source})
                     encoded += count
                 entries.append({"name": target.name, "samples": count, "bytes": target.stat().st_size,

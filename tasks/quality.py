@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from models.vit import VisionTransformer
+from tasks.devices import module_device
 
 
 @dataclass
@@ -22,23 +23,26 @@ class ImageClassifier:
     std: tuple[float, ...]
 
     def prepare(self, rgb01: torch.Tensor) -> torch.Tensor:
+        """Classifier inputs, on the device of ``rgb01``."""
         x = rgb01.mean(dim=1, keepdim=True) if self.channels == 1 else rgb01  # grey classifiers see luminance
         if x.shape[-1] != self.image_size:
             x = F.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
 
     @torch.no_grad()
     def logits_and_features(self, rgb01: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (N, K), penultimate features (N, D)) for RGB images in [0, 1]."""
+        """(logits (N, K), penultimate features (N, D)) on the CPU for RGB images in [0, 1] on any device;
+        the classifier runs where its weights live."""
         self.model.eval()
+        device = module_device(self.model)
         logits, features = [], []
         for start in range(0, len(rgb01), batch_size):
-            tokens = self.model.forward_features(self.prepare(rgb01[start:start + batch_size]))
+            tokens = self.model.forward_features(self.prepare(rgb01[start:start + batch_size].to(device)))
             pooled = self.model.pool(tokens)  # (n, D)
-            features.append(pooled)
-            logits.append(self.model.head(pooled))
+            features.append(pooled.float().cpu())
+            logits.append(self.model.head(pooled).float().cpu())
         return torch.cat(logits), torch.cat(features)
 
 
@@ -65,8 +69,8 @@ def quality_scores(classifier: ImageClassifier, generated: torch.Tensor, generat
     real_logits, real_features = classifier.logits_and_features(real)
     half = len(real_features) // 2
     return {
-        "sample_accuracy": float((gen_logits.argmax(1) == generated_labels).float().mean()),
-        "real_accuracy": float((real_logits.argmax(1) == real_labels).float().mean()),
+        "sample_accuracy": float((gen_logits.argmax(1) == generated_labels.cpu()).float().mean()),
+        "real_accuracy": float((real_logits.argmax(1) == real_labels.cpu()).float().mean()),
         "frechet_distance": frechet_distance(gen_features, real_features),
         "real_frechet_distance": frechet_distance(real_features[:half], real_features[half:2 * half]),
     }

@@ -21,7 +21,10 @@ from data_shards.loader import LoaderSpec, evaluation_batches, split_shards, tra
 from models.vae import TinyAutoencoder, autoencoder_loss, freeze, load_pretrained_tiny_autoencoder, parameter_fingerprint
 from tasks.checkpoint import save_torch_atomic
 from tasks.config import VAEConfig
+from tasks.devices import module_device, stage_device
+from tasks.distributed import DistInfo
 from tasks.engine import TrainJob, seed_everything, train
+from tasks.features import random_subset
 from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
 from tasks.tracking import log_image, stage_run
 
@@ -58,7 +61,8 @@ def vae_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tenso
     return autoencoder_loss(model, batch["image"])
 
 
-def train_small_vae(config: VAEConfig, shards_manifest: str, output_dir: Path) -> TinyAutoencoder:
+def train_small_vae(config: VAEConfig, shards_manifest: str, output_dir: Path, device: str = "cpu") -> TinyAutoencoder:
+    """Train the fallback autoencoder on ``device``; it is returned frozen, still on ``device``."""
     seed_everything(config.train.seed)
     model = TinyAutoencoder(latent_channels=config.latent_channels, width=config.width, midblock_gn=False)
     spec = image_spec(shards_manifest, "train", config.image_size, config.train.batch_size, augment="flip",
@@ -66,14 +70,18 @@ def train_small_vae(config: VAEConfig, shards_manifest: str, output_dir: Path) -
     train(TrainJob(model=model, loss_fn=vae_loss, batches=lambda e, s: training_batches(spec, e, s),
                    config=config.train, checkpoint_dir=output_dir / "checkpoints",
                    signature={"latent_channels": config.latent_channels, "width": config.width, "image_size": config.image_size},
-                   log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step)))
+                   log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step), dist=DistInfo(device=device)))
     return freeze(model)
 
 
 @torch.no_grad()
-def latent_statistics(vae: TinyAutoencoder, spec: LoaderSpec, max_images: int = 512) -> dict[str, list[float]]:
-    """Per-channel mean and std of the latents, so diffusion sees roughly unit-variance inputs."""
-    latents = torch.cat([vae.encode(b["image"]) for b in islice(evaluation_batches(spec), -(-max_images // spec.batch_size))])
+def latent_statistics(vae: TinyAutoencoder, spec: LoaderSpec, max_images: int = 512, seed: int = 0) -> dict[str, list[float]]:
+    """Per-channel mean and std of the latents of a seeded random subset of ``max_images`` images
+    (the first N of class-ordered shards would describe a few classes), so diffusion sees roughly
+    unit-variance inputs. The VAE encodes where its weights live."""
+    device = module_device(vae)
+    subset = random_subset(evaluation_batches(spec), max_images, seed, spec.batch_size)
+    latents = torch.cat([vae.encode(b["image"].to(device)).float().cpu() for b in subset])  # (N, C, h, w)
     per_channel = latents.transpose(0, 1).flatten(1)  # (C, N·h·w)
     return {"mean": per_channel.mean(1).tolist(), "std": per_channel.std(1).clamp_min(1e-6).tolist()}
 
@@ -82,9 +90,10 @@ def latent_statistics(vae: TinyAutoencoder, spec: LoaderSpec, max_images: int = 
 def reconstruction_psnr(vae: TinyAutoencoder, spec: LoaderSpec, max_images: int = 256) -> tuple[float, torch.Tensor]:
     """Mean PSNR (dB) over val images, and a grid of originals above their reconstructions."""
     scores, first = [], None
+    device = module_device(vae)
     for batch in islice(evaluation_batches(spec), -(-max_images // spec.batch_size)):
         images = batch["image"]
-        recon = vae.decode(vae.encode(images))
+        recon = vae.decode(vae.encode(images.to(device))).float().cpu()
         mse = ((recon - images) ** 2).flatten(1).mean(1).clamp_min(1e-10)
         scores.append(10 * torch.log10(1.0 / mse))
         first = first if first is not None else torch.cat([images[:8], recon[:8]])
@@ -107,14 +116,15 @@ def run(config: VAEConfig, inputs: list[StageResult], context: StageContext) -> 
     if done is not None:
         return done
     vae = load_pretrained(config.pretrained_dir) if config.pretrained_dir else None  # bad weights fail first
+    device = stage_device(context)
     output_dir.mkdir(parents=True, exist_ok=True)
     with stage_run(STAGE, context.data_root, context.parent_run_id, params=config.model_dump(mode="json"),
                    system_metrics=vae is None) as tracked:
-        if vae is None:
-            vae = train_small_vae(config, shards.manifest_path, output_dir)
+        vae = train_small_vae(config, shards.manifest_path, output_dir, device) if vae is None else vae.to(device)
         psnr, grid = reconstruction_psnr(vae, image_spec(shards.manifest_path, "val", config.image_size))
-        stats = latent_statistics(vae, image_spec(shards.manifest_path, "train", config.image_size))
+        stats = latent_statistics(vae, image_spec(shards.manifest_path, "train", config.image_size), seed=config.train.seed)
         log_image(grid, "reconstruction.png")
+        vae.cpu()  # saved and fingerprinted on the CPU, where every later stage loads it
         save_torch_atomic(output_dir / "vae.pt", vae.state_dict())
         constructor = {"latent_channels": vae.encoder[-1].out_channels, "width": vae.encoder[0].out_channels,
                        "midblock_gn": any(".pool." in name for name, _ in vae.named_parameters())}

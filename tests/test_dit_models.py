@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from models.diffusion import GaussianDiffusion
+from models.diffusion import GaussianDiffusion, linear_betas
 from models.dit import DiT, DiTBlock, dit_from_name, get_2d_sincos_pos_embed
 
 
@@ -202,10 +204,10 @@ def test_overfit_tiny_dit_lowers_diffusion_loss():
     def eval_loss() -> float:
         model.eval()
         with torch.no_grad():
-            loss, _ = diffusion.training_loss(model, latents, t=eval_t, y=labels,
-                                              generator=torch.Generator().manual_seed(123))
+            _, metrics = diffusion.training_loss(model, latents, t=eval_t, y=labels,
+                                                 generator=torch.Generator().manual_seed(123))
         model.train()
-        return loss.item()
+        return metrics["mse"].item()  # the epsilon MSE; the loss also holds the variance's bound term
 
     before = eval_loss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -218,5 +220,81 @@ def test_overfit_tiny_dit_lowers_diffusion_loss():
     after = eval_loss()
     assert before == pytest.approx(1.0, abs=0.3)  # zero output at init: loss = E[noise^2]
     assert after < 0.8 * before, (before, after)
-    assert set(metrics) >= {"mse"}
+    assert set(metrics) >= {"mse", "vlb"}
     assert model.pos_embed.grad is None
+
+
+# ------------------------------------------------------------ learned sigma: hybrid loss and sampling
+
+
+def test_vlb_terms_match_a_hand_computed_kl_and_decoder_nll():
+    diffusion = GaussianDiffusion(num_timesteps=100)
+    betas = linear_betas(100).tolist()
+    ab = [math.prod(1 - b for b in betas[: i + 1]) for i in range(100)]
+    t = torch.tensor([0, 4, 99])
+    x0, x_t, eps, v = (torch.tensor(vals, dtype=torch.float32).view(3, 1, 1, 1) for vals in
+                       ([0.3, -1.2, 0.8], [0.5, -0.4, 1.5], [0.1, 0.7, -0.9], [0.2, -0.6, 0.9]))
+    got = diffusion.vlb_terms(x0, x_t, t, eps, v)
+
+    def posterior(i: int, start: float, noisy: float) -> tuple[float, float]:
+        prev = ab[i - 1] if i > 0 else 1.0
+        mean = betas[i] * math.sqrt(prev) / (1 - ab[i]) * start + (1 - prev) * math.sqrt(1 - betas[i]) / (1 - ab[i]) * noisy
+        return mean, betas[i] * (1 - prev) / (1 - ab[i])
+
+    expected = []
+    for k, i in enumerate(t.tolist()):
+        start, noisy, e, value = x0[k].item(), x_t[k].item(), eps[k].item(), v[k].item()
+        true_mean, true_var = posterior(i, start, noisy)
+        small = true_var if i > 0 else posterior(1, 0.0, 0.0)[1]  # beta~_0 = 0 is clipped to beta~_1
+        predicted_start = (noisy - math.sqrt(1 - ab[i]) * e) / math.sqrt(ab[i])
+        model_mean = posterior(i, predicted_start, noisy)[0]
+        frac = (value + 1) / 2
+        model_var = math.exp(frac * math.log(betas[i]) + (1 - frac) * math.log(small))
+        if i == 0:  # decoder: Gaussian negative log density of x_0
+            nats = 0.5 * math.log(2 * math.pi * model_var) + (start - model_mean) ** 2 / (2 * model_var)
+        else:  # KL between two univariate Gaussians, written with standard deviations
+            nats = (math.log(math.sqrt(model_var) / math.sqrt(true_var))
+                    + (true_var + (true_mean - model_mean) ** 2) / (2 * model_var) - 0.5)
+        expected.append(nats / math.log(2))
+    assert torch.allclose(got, torch.tensor(expected), rtol=1e-4, atol=1e-6), (got, expected)
+
+
+def test_hybrid_loss_trains_the_variance_and_leaves_the_mean_to_the_mse():
+    diffusion = GaussianDiffusion()
+    x0 = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 10, 500, 999])
+    output = torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    loss, metrics = diffusion.training_loss(lambda x, tt, y: output, x0, t=t, generator=torch.Generator().manual_seed(2))
+    loss.backward()
+    eps_only = output.detach()[:, :2].clone().requires_grad_()
+    mse, _ = diffusion.training_loss(lambda x, tt, y: eps_only, x0, t=t, generator=torch.Generator().manual_seed(2))
+    mse.backward()
+    assert torch.equal(output.grad[:, :2], eps_only.grad)  # stop-gradient: the bound does not pull on epsilon
+    assert output.grad[:, 2:].abs().sum() > 0  # the variance channels learn
+    assert loss.item() == pytest.approx(mse.item() + 1e-3 * 1000 * metrics["vlb"].item(), rel=1e-5)
+
+
+def test_learned_variance_spans_fixed_small_to_fixed_large_in_ddpm_sampling():
+    diffusion = GaussianDiffusion(num_timesteps=100)
+    y = torch.zeros(2, dtype=torch.long)
+
+    def constant_model(value: float | None):
+        def model_fn(x, t, labels):
+            eps = 0.1 * x
+            return eps if value is None else torch.cat([eps, torch.full_like(x, value)], dim=1)
+        return model_fn
+
+    def draw(model_fn, variance="fixed_small"):
+        return diffusion.ddpm_sample(model_fn, (2, 3, 4, 4), y, steps=10, variance=variance,
+                                     generator=torch.Generator().manual_seed(0))
+
+    small, large = draw(constant_model(None)), draw(constant_model(None), "fixed_large")
+    assert not torch.allclose(small, large)
+    assert torch.allclose(draw(constant_model(-1.0)), small, atol=1e-5)
+    assert torch.allclose(draw(constant_model(1.0)), large, atol=1e-5)
+    model = randomize_zero_inits(tiny_dit(learn_sigma=True)).eval()
+    guided = diffusion.ddpm_sample(model, (3, 4, 8, 8), torch.tensor([0, 3, 7]), cfg_scale=3.0, steps=10,
+                                   generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(guided).all()
+    with pytest.raises(ValueError, match="variance"):
+        draw(constant_model(None), "learned")

@@ -232,3 +232,51 @@ def test_save_and_load_features_round_trip(tmp_path):
         np.testing.assert_array_equal(loaded[name], array)
         assert loaded[name].dtype == array.dtype
     assert [p.name for p in path.parent.iterdir()] == ["val.npz"]  # no temporary left behind
+
+
+def test_random_subset_is_seeded_spread_and_in_stream_order():
+    from tasks.features import random_subset
+
+    # A class-sorted stream (as shards written class by class are): 10 classes of 100 samples each.
+    labels = torch.arange(1000) // 100
+    stream = [{"image": torch.arange(i, i + 50).float().view(50, 1), "label": labels[i:i + 50], "key": [str(k) for k in range(i, i + 50)]}
+              for i in range(0, 1000, 50)]
+    subset = list(random_subset(iter(stream), 300, seed=0, batch_size=128))
+    index = torch.cat([b["image"].view(-1) for b in subset]).long()
+    assert [len(b["label"]) for b in subset] == [128, 128, 44]
+    assert len(index.unique()) == 300 and torch.equal(index, index.sort().values)  # distinct, stream order kept
+    assert set(torch.cat([b["label"] for b in subset]).tolist()) == set(range(10))  # not the first 300 (3 classes)
+    assert torch.equal(torch.cat([b["label"] for b in subset]), labels[index])
+    assert [b["key"] for b in subset][0] == [str(i) for i in index[:128].tolist()]
+    again = torch.cat([b["image"].view(-1) for b in random_subset(iter(stream), 300, seed=0)]).long()
+    other = torch.cat([b["image"].view(-1) for b in random_subset(iter(stream), 300, seed=1)]).long()
+    assert torch.equal(index, again) and not torch.equal(index, other)
+    everything = torch.cat([b["image"].view(-1) for b in random_subset(iter(stream), 5000, seed=0)]).long()
+    assert torch.equal(everything, torch.arange(1000))
+    assert list(random_subset(iter(stream), None, seed=0)) == stream
+
+
+def test_evaluation_features_take_a_random_subset_on_the_stage_device(monkeypatch, tmp_path):
+    from tasks import evaluate
+    from data_shards.loader import LoaderSpec
+    from tasks.config import EvalConfig
+
+    # Class-sorted shards: a "first N" cap would see only class 0.
+    batches = [{"image": torch.rand(50, 1, 8, 8), "label": torch.full((50,), i // 2)} for i in range(20)]
+    monkeypatch.setattr(evaluate, "evaluation_batches", lambda spec: iter(batches))
+    limited = list(evaluate._batches(LoaderSpec(shard_paths=("unused.tar",), batch_size=50), 100))
+    assert sum(len(b["label"]) for b in limited) == 100
+    assert len(set(torch.cat([b["label"] for b in limited]).tolist())) > 5
+
+    calls = []
+
+    def fake_extract(encoder, batches, device="cpu", pools=("token", "avg"), blocks=1):
+        calls.append((device, next(encoder.parameters()).device.type))
+        raise StopIteration  # enough: the device is what this test is about
+
+    monkeypatch.setattr(evaluate, "extract_features", fake_extract)
+    encoder = VisionTransformer(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2)
+    with pytest.raises(StopIteration):
+        evaluate.frozen_feature_scores(EvalConfig(), encoder, {"train": LoaderSpec(shard_paths=(), batch_size=8)},
+                                       tmp_path, "mae", device="meta")
+    assert calls == [("meta", "meta")]

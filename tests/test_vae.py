@@ -131,3 +131,18 @@ def test_small_variant_trains_with_autoencoder_loss():
         optimizer.step()
     final_loss, _ = autoencoder_loss(model, images)
     assert final_loss.item() < 0.7 * first_loss.item(), (first_loss.item(), final_loss.item())
+
+
+def test_latent_statistics_use_a_random_subset_not_the_first_images(monkeypatch):
+    from tasks import vae_train
+
+    # Class-ordered shards: the first 512 images are black, the next 512 white.
+    batches = [{"image": torch.full((64, 3, 8, 8), float(i >= 8)), "label": torch.full((64,), int(i >= 8))}
+               for i in range(16)]
+    monkeypatch.setattr(vae_train, "evaluation_batches", lambda spec: iter(batches))
+    model = TinyAutoencoder(latent_channels=4, width=8, midblock_gn=False)
+    model.encode = lambda x: x[:, :1, ::8, ::8]  # latent = the pixel value: the stats show which images were taken
+    spec = vae_train.rgb01_spec(("unused.tar",), 8, batch_size=64)
+    stats = vae_train.latent_statistics(model, spec, max_images=512, seed=0)
+    assert 0.3 < stats["mean"][0] < 0.7 and stats["std"][0] > 0.4
+    assert stats == vae_train.latent_statistics(model, spec, max_images=512, seed=0)
