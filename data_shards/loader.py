@@ -121,13 +121,16 @@ def iterate_tar(path: str) -> Iterator[dict[str, Any]]:
         yield current
 
 
-def read_shard(path: str, expected: int, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any]]:
-    """Samples ``start`` to ``stop`` of a shard that its manifest says holds ``expected`` samples.
+def read_shard(path: str, expected: int | None = None, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any]]:
+    """Samples ``start`` to ``stop`` of a shard that its manifest says holds ``expected`` samples
+    (looked up in the manifest beside the shard when not given).
 
     Raises:
         ShardError: the tar ends before ``stop`` (or, read to its end, holds another count than
             ``expected``): a truncated shard or a damaged header, never a silently shorter epoch.
     """
+    if expected is None:
+        (expected,) = shard_sample_counts((path,))
     stop = expected if stop is None else stop
     index = 0
     for sample in iterate_tar(path):

@@ -19,7 +19,7 @@ from data_shards.loader import evaluation_batches
 from models.diffusion import GaussianDiffusion
 from models.dit import DiT, dit_from_name
 from models.vae import parameter_fingerprint
-from tasks.checkpoint import save_torch_atomic
+from tasks.checkpoint import load_torch_file, save_torch_atomic
 from tasks.config import DiTConfig, OptimConfig, TrainConfig
 from tasks.devices import module_device, stage_device
 from tasks.distributed import DistInfo, init_distributed, launch_training, loss_ends, run_rank, shutdown_distributed
@@ -101,8 +101,10 @@ def scoring_classifier(inputs: list[StageResult], shards: StageResult, image_siz
     evaluation = next((r for r in inputs if r.stage == "evaluate"), None)
     if evaluation is not None and "classifier" in evaluation.manifest()["outputs"]:
         outputs = evaluation.manifest()["outputs"]
-        model = build_encoder(outputs["architecture"], num_classes=outputs["classifier"]["num_classes"])
-        model.load_state_dict(torch.load(Path(evaluation.output_dir) / outputs["classifier"]["path"], map_location="cpu"))
+        classifier = outputs["classifier"]
+        model = build_encoder(outputs["architecture"], num_classes=classifier["num_classes"],
+                              global_pool=classifier.get("global_pool"))
+        model.load_state_dict(load_torch_file(Path(evaluation.output_dir) / classifier["path"]))
         arch, norm = outputs["architecture"], outputs["normalization"]
         return ImageClassifier(model.to(device), arch["image_size"], arch["in_chans"], tuple(norm["mean"]),
                                tuple(norm["std"])), "evaluate"
@@ -203,7 +205,7 @@ def run(config: DiTConfig, inputs: list[StageResult], context: StageContext) -> 
                                   summary_path=output_dir / "train_summary.json",
                                   checkpoint_dir=output_dir / "checkpoints", log=log.info)
         ema = model  # the stage's copy takes the EMA weights rank 0 exported
-        ema.load_state_dict(torch.load(output_dir / "dit.pt", map_location="cpu"))
+        ema.load_state_dict(load_torch_file(output_dir / "dit.pt"))
         device = stage_device(context)
         ema.to(device)
         vae.to(device)

@@ -105,7 +105,7 @@ def finetune_scores(config: EvalConfig, architecture: dict, encoder_path: Path |
     job = FinetuneJob(
         architecture=architecture, num_classes=num_classes, encoder_path=None if encoder_path is None else str(encoder_path),
         loader=dataclasses.asdict(train_spec), train=train.model_dump(mode="json"), layer_decay=config.layer_decay,
-        label_smoothing=config.label_smoothing, drop_path=config.drop_path,
+        label_smoothing=config.label_smoothing, drop_path=config.drop_path, global_pool=config.finetune_pool,
         signature={**architecture, "num_classes": num_classes, "init": name},
         checkpoint_dir=str(output_dir / name / "checkpoints"),
         weights_path=str(output_dir / ("classifier.pt" if name == "finetune" else f"{name}/model.pt")),
@@ -164,6 +164,6 @@ def run(config: EvalConfig, inputs: list[StageResult], context: StageContext) ->
                                    "classes": classes, "architecture": architecture, "normalization": normalization}
         if (output_dir / "classifier.pt").is_file():
             outputs["classifier"] = {"path": "classifier.pt", "sha256": sha256_file(output_dir / "classifier.pt"),
-                                     "num_classes": len(classes)}
+                                     "num_classes": len(classes), "global_pool": config.finetune_pool}
         log.info("evaluate: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
         return write_manifest(output_dir, STAGE, config, inputs, outputs, metrics, tracked.info.run_id)

@@ -26,7 +26,7 @@ import mlflow
 from data_shards.atomic import write_json_atomic
 from data_shards.loader import LoaderSpec, evaluation_batches, training_batches
 from models.vit import VisionTransformer, vit_from_name
-from tasks.checkpoint import save_torch_atomic
+from tasks.checkpoint import load_torch_file, save_torch_atomic
 from tasks.config import TrainConfig
 from tasks.distributed import DistInfo, init_distributed, launch_training, run_rank, shutdown_distributed
 from tasks.engine import TrainJob, TrainSummary, no_weight_decay, seed_everything, train
@@ -67,7 +67,7 @@ def load_encoder_weights(model: VisionTransformer, path: Path) -> tuple[list[str
     Returns:
         (keys of the model left at their initial values, keys of the file not loaded).
     """
-    state = torch.load(path, map_location="cpu")
+    state = load_torch_file(path)
     own = model.state_dict()
     may_stay_new = ("head.", "fc_norm.")
     may_drop = ("norm.",) if model.global_pool == "avg" else ()
@@ -212,7 +212,7 @@ def run_finetune(job: FinetuneJob, job_path: Path, run_id: str, data_root: Path,
                               run_id, data_root, exported=weights, summary_path=weights.with_suffix(".summary.json"),
                               checkpoint_dir=Path(job.checkpoint_dir), log=log)
     model = build_encoder(job.architecture, num_classes=job.num_classes, global_pool=job.global_pool)
-    model.load_state_dict(torch.load(weights, map_location="cpu"))
+    model.load_state_dict(load_torch_file(weights))
     return model, summary
 
 

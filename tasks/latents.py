@@ -19,7 +19,7 @@ import torch
 import webdataset as wds
 
 from data_shards.atomic import sha256_file, write_json_atomic
-from data_shards.loader import evaluation_batches, iterate_tar, split_shards
+from data_shards.loader import evaluation_batches, read_shard, split_shards
 from models.vae import parameter_fingerprint
 from tasks.config import LatentConfig
 from tasks.devices import stage_device
@@ -110,7 +110,7 @@ def load_latents(manifest_path: str, split: str) -> tuple[torch.Tensor, torch.Te
     """Every latent of a split as one float tensor (N, C, h, w) with labels (N,): latents are small."""
     latents, labels = [], []
     for path in split_shards(manifest_path, split):
-        for sample in iterate_tar(path):
+        for sample in read_shard(path):  # verified against the manifest's count: no silently short split
             latents.append(torch.load(io.BytesIO(sample["pth"]), weights_only=True).float())
             labels.append(int(sample["cls"]))
     return torch.stack(latents), torch.tensor(labels, dtype=torch.long)
@@ -119,10 +119,13 @@ def load_latents(manifest_path: str, split: str) -> tuple[torch.Tensor, torch.Te
 def latent_batches(latents: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, rank: int = 0,
                    world_size: int = 1, start_epoch: int = 0, skip: int = 0) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """Endless ``(epoch, index, batch)`` over in-memory latents: a seeded permutation per epoch,
-    split by rank, full batches only; resumes exactly at (epoch, skip)."""
+    split by rank into equal shares (so every rank runs the same batches per epoch), full batches
+    only; resumes exactly at (epoch, skip)."""
     epoch = start_epoch
+    usable = len(latents) - len(latents) % world_size
     while True:
-        order = torch.randperm(len(latents), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))[rank::world_size]
+        permutation = torch.randperm(len(latents), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        order = permutation[:usable][rank::world_size]
         for index in range(skip if epoch == start_epoch else 0, len(order) // batch_size):
             chosen = order[index * batch_size:(index + 1) * batch_size]
             yield epoch, index, {"image": latents[chosen], "label": labels[chosen]}

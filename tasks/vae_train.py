@@ -19,7 +19,7 @@ import torch
 from data_shards.atomic import sha256_file
 from data_shards.loader import LoaderSpec, evaluation_batches, split_shards, training_batches
 from models.vae import TinyAutoencoder, autoencoder_loss, freeze, load_pretrained_tiny_autoencoder, parameter_fingerprint
-from tasks.checkpoint import save_torch_atomic
+from tasks.checkpoint import load_torch_file, save_torch_atomic
 from tasks.config import VAEConfig
 from tasks.devices import module_device, stage_device
 from tasks.distributed import DistInfo
@@ -51,7 +51,7 @@ def load_pretrained(folder: str) -> TinyAutoencoder:
         if not path.is_file():
             raise ValueError(f"vae.pretrained_dir: {path} does not exist")
         try:
-            states.append(torch.load(path, map_location="cpu", weights_only=True))
+            states.append(load_torch_file(path))
         except Exception as exc:  # torch raises several types for a damaged file
             raise ValueError(f"{path}: cannot read weights ({exc})") from None
     return load_pretrained_tiny_autoencoder(*states)
@@ -105,7 +105,7 @@ def load_vae(result: StageResult) -> TinyAutoencoder:
     """The frozen VAE a finished ``vae`` stage saved."""
     outputs = result.manifest()["outputs"]
     model = TinyAutoencoder(**outputs["constructor"])
-    model.load_state_dict(torch.load(Path(result.output_dir) / outputs["vae"]["path"], map_location="cpu"), strict=True)
+    model.load_state_dict(load_torch_file(Path(result.output_dir) / outputs["vae"]["path"]), strict=True)
     return freeze(model)
 
 

@@ -86,6 +86,15 @@ def test_latent_stream_resumes_exactly():
     assert [(e, i, b["label"].tolist()) for e, i, b in (next(resumed) for _ in range(6))] == full[9:]
 
 
+def test_latent_ranks_get_equal_disjoint_shares_and_end_epochs_together():
+    tensors, labels = torch.randn(50, 2, 2, 2), torch.arange(50)  # 50 = 16 + 17 + 17 if dealt every 3rd
+    streams = [latents.latent_batches(tensors, labels, batch_size=4, seed=3, rank=r, world_size=3) for r in range(3)]
+    runs = [[next(stream) for _ in range(9)] for stream in streams]
+    assert all([(e, i) for e, i, _ in run] == [(e, i) for e, i, _ in runs[0]] for run in runs)  # epoch ends line up
+    first_epoch = [set(label for e, _, b in run if e == 0 for label in b["label"].tolist()) for run in runs]
+    assert all(len(share) == 16 for share in first_epoch) and not first_epoch[0] & first_epoch[1]
+
+
 def test_dit_training_lowers_the_loss_scores_samples_and_keeps_the_vae_frozen(branch):
     _, context, shards, vae, lat = branch
     vae_bytes = (Path(vae.output_dir) / "vae.pt").read_bytes()
