@@ -1,0 +1,149 @@
+"""CLIP: tokenizer, model API, contrastive loss (single and two-process gathered), stage on Twemoji."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from models.clip import CLIP, LOGIT_SCALE_MAX, clip_loss, load_clip, save_clip
+from models.tokenizer import EOT, PAD, SOT, Tokenizer
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_round_trips_utf8_emoji_and_unseen_words():
+    tok = Tokenizer(context_length=48)
+    texts = ["grinning face", "naïve café – Ωμέγα", "🧑🏽‍🚀 astronaut 👍🏿", "zxqvbnmkjh-unseen", ""]
+    ids = tok.encode(texts)
+    assert ids.shape == (5, 48) and ids.dtype == torch.long
+    assert [tok.decode(row) for row in ids] == texts
+    assert (ids[:, 0] == SOT).all() and int(ids.max()) <= PAD and tok.truncated == 0
+    assert ids[4, :3].tolist() == [SOT, EOT, PAD]
+
+
+def test_truncation_keeps_eot_last_and_is_counted():
+    tok = Tokenizer(context_length=8)
+    ids = tok.encode(["abcdefghijkl", "abc", "abcdef"])  # 12 bytes cut to 6; 3 fits; 6 fits exactly
+    assert ids[0].tolist() == [SOT, *b"abcdef", EOT]
+    assert ids[2].tolist() == [SOT, *b"abcdef", EOT]
+    assert ids[1].tolist() == [SOT, *b"abc", EOT, PAD, PAD, PAD]
+    assert tok.truncated == 1
+    assert tok.decode(tok.encode(["aaaaaé"])[0]) == "aaaaa\ufffd"  # a multi-byte char cut in half decodes as U+FFFD
+    assert tok.truncated == 2
+    assert Tokenizer.from_state(tok.state()).context_length == 8
+    with pytest.raises(TypeError):
+        tok.encode("a string, not a list")
+
+
+# ----------------------------------------------------------------------------- loss
+
+def _hand_loss(img: torch.Tensor, txt: torch.Tensor, scale: float) -> float:
+    n = img.shape[0]
+    sims = [[scale * sum(float(img[i, d]) * float(txt[j, d]) for d in range(img.shape[1])) for j in range(n)] for i in range(n)]
+    row = -sum(sims[i][i] - math.log(sum(math.exp(s) for s in sims[i])) for i in range(n)) / n
+    col = -sum(sims[j][j] - math.log(sum(math.exp(sims[i][j]) for i in range(n))) for j in range(n)) / n
+    return (row + col) / 2
+
+
+def test_loss_matches_a_hand_computation_and_is_symmetric():
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(3, 4, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(3, 4, generator=g), dim=-1)
+    scale = torch.tensor(5.0)
+    loss = clip_loss(img, txt, scale, gathered=False)
+    assert float(loss) == pytest.approx(_hand_loss(img, txt, 5.0), rel=1e-5)
+    assert float(clip_loss(txt, img, scale, gathered=False)) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_loss_is_lowest_for_matched_pairs():
+    g = torch.Generator().manual_seed(1)
+    feats = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    matched = clip_loss(feats, feats, torch.tensor(10.0), gathered=False)
+    for shift in range(1, 8):
+        assert matched < clip_loss(feats, feats.roll(shift, 0), torch.tensor(10.0), gathered=False)
+    assert float(matched) < 0.1  # near zero when each image is its own caption's nearest neighbour
+
+
+def _gathered_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(3)
+    img = torch.nn.functional.normalize(torch.randn(8, 6, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(8, 6, generator=g), dim=-1)
+    n = 8 // world
+    local_img = img[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+    local_txt = txt[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+    log_scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
+    loss = clip_loss(local_img, local_txt, log_scale.exp())  # gathered: a 2-rank group is initialised
+    loss.backward()
+    torch.save({"loss": loss.detach(), "img_grad": local_img.grad, "txt_grad": local_txt.grad,
+                "scale_grad": log_scale.grad}, Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ranks_gathered_loss_and_gradients_equal_the_global_batch(tmp_path):
+    world = 2
+    mp.start_processes(_gathered_rank, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    g = torch.Generator().manual_seed(3)
+    img = torch.nn.functional.normalize(torch.randn(8, 6, generator=g), dim=-1).requires_grad_(True)
+    txt = torch.nn.functional.normalize(torch.randn(8, 6, generator=g), dim=-1).requires_grad_(True)
+    log_scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
+    loss = clip_loss(img, txt, log_scale.exp(), gathered=False)
+    loss.backward()
+    # DDP averages over ranks: mean of rank losses / gradients is the single-process global-batch value.
+    assert float(sum(r["loss"] for r in ranks) / world) == pytest.approx(loss.item(), rel=1e-5)
+    got_img = torch.cat([r["img_grad"] for r in ranks]) / world
+    got_txt = torch.cat([r["txt_grad"] for r in ranks]) / world
+    torch.testing.assert_close(got_img, img.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_txt, txt.grad, rtol=1e-4, atol=1e-6)
+    assert float(sum(r["scale_grad"] for r in ranks) / world) == pytest.approx(float(log_scale.grad), rel=1e-4)
+    # and the local-only loss (no gather) would differ: the test can tell the two apart
+    local = clip_loss(img[:4].detach(), txt[:4].detach(), log_scale.exp().detach(), gathered=False)
+    assert float(local) != pytest.approx(float(ranks[0]["loss"]), rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- model
+
+def _tiny_clip() -> CLIP:
+    torch.manual_seed(0)
+    return CLIP(embed_dim=16, image_size=28, patch_size=7, in_chans=1, vision_size="nano", vision_depth=1,
+                context_length=16, text_width=32, text_depth=1, text_heads=2)
+
+
+def test_model_embeddings_are_normalised_and_text_pools_at_eot():
+    model = _tiny_clip().eval()
+    tok = Tokenizer(16)
+    img_f, txt_f, scale = model(torch.randn(3, 1, 28, 28), tok.encode(["a", "bb", "ccc"]))
+    assert img_f.shape == txt_f.shape == (3, 16)
+    torch.testing.assert_close(img_f.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(txt_f.norm(dim=-1), torch.ones(3))
+    assert float(scale) == pytest.approx(1 / 0.07, rel=1e-5)
+    # causal + EOT pooling: what follows EOT (padding) cannot change the embedding
+    ids = tok.encode(["hello"])
+    changed = ids.clone()
+    changed[0, 8:] = ord("z")
+    torch.testing.assert_close(model.encode_text(ids), model.encode_text(changed))
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert float(model(torch.randn(1, 1, 28, 28), ids)[2]) == pytest.approx(math.exp(LOGIT_SCALE_MAX), rel=1e-5)
+
+
+def test_save_and_load_rebuild_the_same_model(tmp_path):
+    model = _tiny_clip().eval()
+    tok = Tokenizer(16)
+    kwargs = dict(embed_dim=16, image_size=28, patch_size=7, in_chans=1, vision_size="nano", vision_depth=1,
+                  context_length=16, text_width=32, text_depth=1, text_heads=2)
+    info = {"image_size": 28, "channels": 1, "mean": [0.5], "std": [0.5], "embed_dim": 16, "context_length": 16,
+            "model_kwargs": kwargs}
+    save_clip(tmp_path / "clip.pt", model, tok, info)
+    loaded, loaded_tok, loaded_info = load_clip(tmp_path / "clip.pt")
+    images, ids = torch.randn(2, 1, 28, 28), tok.encode(["x", "🙂"])
+    torch.testing.assert_close(loaded.encode_image(images), model.encode_image(images), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.encode_text(loaded_tok.encode(["x", "🙂"])), model.encode_text(ids), rtol=0, atol=0)
+    assert loaded_info == info
+    with pytest.raises(ValueError, match="lacks"):
+        save_clip(tmp_path / "bad.pt", model, tok, {"image_size": 28})
