@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import tarfile
 import zipfile
 from dataclasses import dataclass
@@ -126,6 +127,51 @@ def _find_table(path: Path) -> Path:
     raise SourceError(f"{path}: no caption table (.tsv/.csv) found")
 
 
+# Codepoints that make variants of one emoji: skin tones, ZWJ, variation selector, gender signs.
+_VARIANT_CODEPOINTS = set(range(0x1F3FB, 0x1F400)) | {0x200D, 0xFE0F, 0x2640, 0x2642}
+_SKIN_TONE_WORDS = re.compile(r"[:,]?\s*(?:medium-light|medium-dark|light|medium|dark) skin tones?")
+_PERSON_CODEPOINTS = {0x1F468: 0x1F9D1, 0x1F469: 0x1F9D1}  # man / woman → person
+
+
+def emoji_group_keys(name: str, emoji: str) -> tuple[str, str]:
+    """Two keys that each tie near-duplicate emoji together: the name without its skin-tone words
+    (``waving hand, medium skin tone`` → ``waving hand``; other words after a comma stay, they are not
+    always variants) and the codepoints without modifiers, gender signs and ZWJ, with man/woman
+    read as person (``woman technologist`` ~ ``man technologist`` ~ ``technologist``)."""
+    base = _SKIN_TONE_WORDS.sub("", name.lower()).strip(" :,")
+    points = [_PERSON_CODEPOINTS.get(ord(c), ord(c)) for c in emoji if ord(c) not in _VARIANT_CODEPOINTS]
+    return f"name:{base}", "cp:" + "-".join(f"{p:x}" for p in points)
+
+
+def grouped_validation(keys: list[tuple[str, ...]], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Row indices of train and val such that rows sharing any key (transitively) share a split."""
+    parent = list(range(len(keys)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    for i, row_keys in enumerate(keys):
+        for key in row_keys:
+            if key in first:
+                parent[find(i)] = find(first[key])
+            else:
+                first[key] = i
+    groups: dict[int, list[int]] = {}
+    for i in range(len(keys)):
+        groups.setdefault(find(i), []).append(i)
+    order = sorted(groups.values(), key=lambda rows: rows[0])
+    np.random.default_rng(seed).shuffle(order)
+    target, val = round(val_fraction * len(keys)), []
+    train = []
+    for rows in order:
+        (val if len(val) < target else train).extend(rows)
+    return sorted(train), sorted(val)
+
+
 def _caption_table(cfg: Any, data_root: Path, seed: int) -> PreparedSource:
     if cfg.path is None:
         raise SourceError("shard.source.path: caption_table needs a TSV/CSV file or its folder")
@@ -135,23 +181,35 @@ def _caption_table(cfg: Any, data_root: Path, seed: int) -> PreparedSource:
         rows = list(csv.DictReader(handle, delimiter=delimiter))
     if not rows:
         raise SourceError(f"{table}: caption table is empty")
-    needed = [cfg.image_column, cfg.caption_column] + ([cfg.label_column] if cfg.label_column else [])
+    needed = ([cfg.image_column, cfg.caption_column] + ([cfg.label_column] if cfg.label_column else [])
+              + ([cfg.emoji_column] if cfg.split_group == "emoji" else []))
     missing = [c for c in needed if c not in rows[0]]
     if missing:
         raise SourceError(f"{table}: missing column(s) {missing}; columns are {list(rows[0])}")
     classes = sorted({row[cfg.label_column] for row in rows}) if cfg.label_column else None
-    items = []
+    items, group_keys = [], []
+    templates = cfg.caption_templates or [cfg.caption_template]
     for line, row in enumerate(rows, start=2):  # line 1 is the header
+        if not row[cfg.caption_column].strip() and cfg.empty_captions == "error":
+            raise SourceError(f"{table} line {line}: empty caption in column {cfg.caption_column!r} "
+                              f"(image {row[cfg.image_column]!r}); fix the row or set empty_captions: keep")
         image_path = next((p for p in (table.parent / row[cfg.image_column], table.parent / "images" / row[cfg.image_column]) if p.is_file()), None)
         if image_path is None:
             raise SourceError(f"{table} line {line}: image {row[cfg.image_column]!r} not found")
         try:
-            caption = cfg.caption_template.format(caption=row[cfg.caption_column], **row)
+            captions = [t.format(caption=row[cfg.caption_column], **row) for t in templates]
         except (KeyError, IndexError) as exc:
-            raise SourceError(f"shard.source.caption_template: unknown field {exc} (table {table})") from None
+            raise SourceError(f"shard.source.caption_template(s): unknown field {exc} (table {table})") from None
+        caption = "\n".join(c.replace("\n", " ") for c in captions)  # one template per line
         label = classes.index(row[cfg.label_column]) if classes else None
         items.append((line, image_path, caption, label))
-    splits = _limited_splits(items, None, None, cfg, seed)
+        if cfg.split_group == "emoji":
+            group_keys.append(emoji_group_keys(row[cfg.caption_column], row[cfg.emoji_column]))
+    if cfg.split_group == "emoji":
+        train_idx, val_idx = grouped_validation(group_keys, cfg.val_fraction, seed)
+        splits = _limited_splits([items[i] for i in train_idx], [items[i] for i in val_idx], None, cfg, seed)
+    else:
+        splits = _limited_splits(items, None, None, cfg, seed)
     samples = {
         split: [
             RawSample(key=safe_key(f"row{line:06d}", path.stem), origin=f"{table} line {line} ({path.name})",
@@ -161,7 +219,8 @@ def _caption_table(cfg: Any, data_root: Path, seed: int) -> PreparedSource:
         ]
         for split, chosen in splits.items()
     }
-    return PreparedSource(samples, classes, {"kind": "caption_table", "path": str(table)})
+    return PreparedSource(samples, classes, {"kind": "caption_table", "path": str(table), "split_group": cfg.split_group,
+                                             "caption_templates": len(templates)})
 
 
 def _read_tar_samples(path: Path) -> list[RawSample]:

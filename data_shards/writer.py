@@ -153,5 +153,7 @@ def describe_split(encoded: Sequence[EncodedSample]) -> dict[str, Any]:
         "pixel_mean": mean,
         "pixel_std": std,
         "has_captions": any("txt" in s.files for s in encoded),
+        # Blank captions train nothing; a source that keeps them (empty_captions: keep) reports how many.
+        "empty_captions": sum(1 for s in encoded if "txt" in s.files and not s.files["txt"].decode("utf-8").strip()),
         "has_labels": bool(histogram),
     }

@@ -51,6 +51,15 @@ class SourceConfig(StrictModel):
         description="Python format string over the table's columns; {caption} is the caption column.",
     )
     label_column: str | None = None
+    caption_templates: list[str] | None = Field(
+        default=None, description="caption_table: several format strings per row; the caption stored is all of them "
+                                  "joined by newlines, and training picks one at random each time it sees the pair.")
+    split_group: Literal["none", "emoji"] = Field(
+        default="none", description="caption_table: 'emoji' carves val by group so skin-tone/gender/hair variants of "
+                                    "one emoji (same name before ':', same codepoints without modifiers) share a split.")
+    emoji_column: str = "emoji"
+    empty_captions: Literal["error", "keep"] = Field(
+        default="error", description="caption_table: a blank caption is an error naming the row, or kept and counted.")
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     max_train: int | None = Field(default=None, gt=0)
     max_val: int | None = Field(default=None, gt=0)
@@ -235,8 +244,39 @@ class DiTConfig(StrictModel):
         return self
 
 
-STAGES = ("shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train")
-StageName = Literal["shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train"]
+class CLIPConfig(StrictModel):
+    """Contrastive image-text training on the pairs dataset (a ViT image tower, a causal byte-level text tower)."""
+
+    vision_size: str = "nano"
+    image_size: int = Field(default=28, gt=0, description="Image tower input; the pairs are resized to it.")
+    patch_size: int = Field(default=4, gt=0)
+    channels: Literal[1, 3] = Field(default=1, description="1: the pairs are read as grey (the MAE's geometry).")
+    text_width: int = Field(default=64, gt=0)
+    text_depth: int = Field(default=2, ge=1)
+    text_heads: int = Field(default=4, ge=1)
+    context_length: int = Field(default=96, ge=3, description="Byte tokens per caption incl. SOT and EOT (Twemoji names reach 80 bytes).")
+    embed_dim: int = Field(default=64, gt=0)
+    image_init: Literal["mae", "random"] = Field(
+        default="mae", description="mae: the image tower starts from the mae_pretrain stage's encoder (geometry must match).")
+    baseline: bool = Field(default=True, description="With image_init mae, also train from random init to measure the difference.")
+    baseline_steps: int | None = Field(default=None, gt=0, description="Steps of the random-init baseline; None = train.steps.")
+    eval_batch_size: int = Field(default=256, gt=0)
+    zero_shot_templates: list[str] = ["an emoji of {label}", "{label}", "a picture in the {label} category"]
+    query_examples: int = Field(default=4, gt=0, description="Text queries in the logged top-5 retrieval picture.")
+    train: TrainConfig = TrainConfig(steps=200, batch_size=64, optim=OptimConfig(
+        base_lr=5e-4, lr_scaling="none", weight_decay=0.1, warmup_steps=20, betas=(0.9, 0.98)))
+
+    @model_validator(mode="after")
+    def _patches_tile_image(self) -> "CLIPConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        if self.text_width % self.text_heads:
+            raise ValueError(f"text_width {self.text_width} is not divisible by text_heads {self.text_heads}")
+        return self
+
+
+STAGES = ("shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train", "clip_train")
+StageName = Literal["shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train", "clip_train"]
 
 
 class PipelineConfig(StrictModel):
@@ -251,6 +291,10 @@ class PipelineConfig(StrictModel):
     vae: VAEConfig = VAEConfig()
     latents: LatentConfig = LatentConfig()
     dit: DiTConfig = DiTConfig()
+    pairs: ShardConfig | None = Field(
+        default=None, description="The image-text pairs dataset (sharded by the shard stage, cached on its own key); "
+                                  "without it clip_train does not run.")
+    clip: CLIPConfig = CLIPConfig()
 
 
 def available_presets() -> list[str]:
