@@ -17,7 +17,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
-from tasks import dit_stage, evaluate, latents, mae_pretrain, shard, vae_train
+from tasks import clip_train, dit_stage, evaluate, latents, mae_pretrain, shard, vae_train
 from tasks.config import PipelineConfig, load_config
 from tasks.stage import StageContext, StageResult, stage_key
 from tasks.tracking import configure_tracking, flatten
@@ -69,6 +69,7 @@ evaluate_task = stage_task("evaluate", evaluate.run)
 vae_task = stage_task("vae", vae_train.run)
 latents_task = stage_task("encode_latents", latents.run)
 dit_task = stage_task("dit_train", dit_stage.run)
+clip_task = stage_task("clip_train", clip_train.run)
 
 
 @flow(name="patchflow", log_prints=True)
@@ -99,6 +100,12 @@ def pipeline(
         if "dit_train" in config.stages and "encode_latents" in results:
             upstream = [results[name] for name in ("shard", "vae", "encode_latents", "evaluate") if name in results]
             results["dit_train"] = run_stage(dit_task, config.dit, upstream, context)
+        # CLIP trains on the pairs dataset (its own shard run, cached on its own key); its image tower
+        # starts from the MAE encoder when clip.image_init is mae. A preset without pairs runs no CLIP.
+        if "clip_train" in config.stages and config.pairs is not None:
+            results["shard_pairs"] = run_stage(shard_task, config.pairs, [], context)
+            mae_input = [results["mae_pretrain"]] if config.clip.image_init == "mae" and "mae_pretrain" in results else []
+            results["clip_train"] = run_stage(clip_task, config.clip, [results["shard_pairs"]] + mae_input, context)
         for name, result in results.items():
             mlflow.set_tag(f"stage.{name}", "reused" if result.reused else "ran")
             mlflow.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})

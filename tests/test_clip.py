@@ -147,3 +147,84 @@ def test_save_and_load_rebuild_the_same_model(tmp_path):
     assert loaded_info == info
     with pytest.raises(ValueError, match="lacks"):
         save_clip(tmp_path / "bad.pt", model, tok, {"image_size": 28})
+
+
+# ----------------------------------------------------------------------------- stage on real Twemoji pairs
+
+import json  # noqa: E402
+
+from tasks import clip_train  # noqa: E402
+from tasks.config import CLIPConfig, OptimConfig, ShardConfig, SourceConfig, TrainConfig, load_config  # noqa: E402
+from tasks.stage import StageContext  # noqa: E402
+from tests._shared_data import require_shared  # noqa: E402
+from tests.helpers import make_shards  # noqa: E402
+
+
+def _pairs_source(**extra) -> SourceConfig:
+    path = require_shared("emoji-captions/twemoji")
+    return SourceConfig(kind="caption_table", path=str(path), caption_column="name", label_column="group",
+                        split_group="emoji", val_fraction=0.15,
+                        caption_templates=["an emoji of {caption}", "{caption}"], **extra)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    return make_shards(root, _pairs_source(max_train=1024, max_val=200), samples_per_shard=256)
+
+
+def _clip_config(steps: int, **train) -> CLIPConfig:
+    return CLIPConfig(image_init="random", context_length=64, text_depth=1, eval_batch_size=200, train=TrainConfig(
+        batch_size=64, steps=steps, log_every=10, checkpoint_every=max(1, steps // 2), num_workers=0, shuffle_buffer=256,
+        optim=OptimConfig(base_lr=2e-3, lr_scaling="none", warmup_steps=5, weight_decay=0.1, betas=(0.9, 0.98)), **train))
+
+
+def test_emoji_variants_never_straddle_splits_and_captions_hold_every_template(pairs):
+    from data_shards.sources import emoji_group_keys, open_source
+    source = open_source(_pairs_source(), Path("/tmp"), seed=0)
+    keys = {split: {k for s in samples for k in emoji_group_keys(s.caption.split("\n")[1], "")[:1]}
+            for split, samples in source.splits.items()}
+    assert not keys["train"] & keys["val"]
+    assert any("skin tone" in s.caption for s in source.splits["val"])  # variants exist in val, all of them there
+    assert all(len(s.caption.split("\n")) == 2 and s.caption.startswith("an emoji of ") for s in source.splits["train"])
+    split = json.loads(Path(pairs.manifest_path).read_text())["outputs"]["splits"]["val"]
+    assert split["empty_captions"] == 0 and split["has_captions"]
+
+
+def test_blank_caption_is_an_error_naming_the_row(tmp_path):
+    from data_shards.samples import SourceError
+    from data_shards.sources import open_source
+    twemoji = require_shared("emoji-captions/twemoji")
+    table = tmp_path / "captions.tsv"
+    lines = (twemoji / "captions.tsv").read_text(encoding="utf-8").splitlines()[:4]
+    cells = lines[2].split("\t")
+    cells[0], cells[1] = str(twemoji / "images" / cells[0]), "   "
+    lines[2] = "\t".join(cells)
+    lines[1] = "\t".join([str(twemoji / "images" / lines[1].split("\t")[0])] + lines[1].split("\t")[1:])
+    lines[3] = "\t".join([str(twemoji / "images" / lines[3].split("\t")[0])] + lines[3].split("\t")[1:])
+    table.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(SourceError, match="line 3: empty caption"):
+        open_source(SourceConfig(kind="caption_table", path=str(table)), tmp_path)
+    kept = open_source(SourceConfig(kind="caption_table", path=str(table), empty_captions="keep", val_fraction=0.0), tmp_path)
+    assert sum(not s.caption.strip() for s in kept.splits["train"]) == 1
+
+
+def test_short_real_run_beats_the_untrained_floor_and_exports_a_reloadable_model(pairs, tmp_path):
+    result = clip_train.run(_clip_config(80), [pairs], StageContext(data_root=tmp_path))
+    m = result.metrics
+    print({k: round(v, 4) for k, v in sorted(m.items())})
+    assert m["trained_t2i_recall_at_10"] > m["untrained_t2i_recall_at_10"] + 0.05
+    assert m["trained_t2i_recall_at_10"] > m["chance_recall_at_10"]
+    assert m["final_loss"] < m["first_loss"]
+    outputs = result.manifest()["outputs"]
+    config = _clip_config(80)
+    model, tokenizer, info = load_clip(Path(result.output_dir) / outputs["model"]["path"])
+    again = clip_train._loaded(config, Path(result.output_dir) / "main" / "weights.pt")
+    spec = clip_train._loader_spec(config, pairs.manifest_path, "val",
+                                   clip_train.pairs_geometry(pairs.manifest_path, 1), batch_size=32)
+    batch = next(iter(clip_train.evaluation_batches(spec)))
+    tokens = tokenizer.encode(batch["caption"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(batch["image"]), again.encode_image(batch["image"]), rtol=0, atol=0)
+        torch.testing.assert_close(model.encode_text(tokens), again.encode_text(tokens), rtol=0, atol=0)
+    assert info["image_size"] == outputs["image"]["image_size"] == 28 and info["channels"] == 1
