@@ -228,3 +228,39 @@ def test_short_real_run_beats_the_untrained_floor_and_exports_a_reloadable_model
         torch.testing.assert_close(model.encode_image(batch["image"]), again.encode_image(batch["image"]), rtol=0, atol=0)
         torch.testing.assert_close(model.encode_text(tokens), again.encode_text(tokens), rtol=0, atol=0)
     assert info["image_size"] == outputs["image"]["image_size"] == 28 and info["channels"] == 1
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_loss_curve(pairs, tmp_path):
+    config = _clip_config(8)
+    full = clip_train.run(config, [pairs], StageContext(data_root=tmp_path / "full"))
+    with pytest.raises(RuntimeError, match="resume"):
+        clip_train.run(config, [pairs], StageContext(data_root=tmp_path / "killed", extra={"stop_after": 6}))
+    resumed = clip_train.run(config, [pairs], StageContext(data_root=tmp_path / "killed"))
+    assert resumed.metrics["resumed_from_step"] == 4  # checkpoints every 4 steps; died after 6
+    losses = [json.loads((Path(r.output_dir) / "main" / "train_summary.json").read_text())["losses"] for r in (full, resumed)]
+    assert len(losses[0]) == 8 and losses[1] == losses[0]  # bit-identical on CPU with a fixed seed
+
+
+def test_mae_init_loads_strictly_and_refuses_another_geometry(tmp_path):
+    from models.mae import mae_from_name
+    encoder = mae_from_name("nano", img_size=28, patch_size=4, in_chans=1).encoder
+    torch.save(encoder.state_dict(), tmp_path / "encoder.pt")
+    config = CLIPConfig(image_init="mae")
+    model = clip_train.build_model(config)
+    clip_train.load_mae_encoder(model, tmp_path / "encoder.pt")
+    torch.testing.assert_close(model.visual.patch_embed.proj.weight, encoder.patch_embed.proj.weight)
+    arch = {"encoder_size": "nano", "image_size": 28, "patch_size": 4, "in_chans": 1}
+    clip_train.check_mae_geometry(config, arch)
+    for field, value in [("image_size", 32), ("patch_size", 7), ("in_chans", 3), ("encoder_size", "micro")]:
+        with pytest.raises(ValueError, match=field):
+            clip_train.check_mae_geometry(config, {**arch, field: value})
+    torch.save({k: v for k, v in encoder.state_dict().items() if k != "norm.weight"}, tmp_path / "partial.pt")
+    with pytest.raises(RuntimeError, match="norm.weight"):
+        clip_train.load_mae_encoder(clip_train.build_model(config), tmp_path / "partial.pt")
+
+
+def test_presets_with_pairs_validate_and_without_pairs_run_no_clip():
+    demo = load_config("demo")
+    assert demo.pairs is not None and demo.clip.image_init == "mae" and "clip_train" in demo.stages
+    assert (demo.clip.image_size, demo.clip.patch_size, demo.clip.channels) == (demo.mae.image_size, demo.mae.patch_size, 1)
+    assert load_config("base").pairs is None
