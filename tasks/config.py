@@ -7,8 +7,6 @@ Command-line overrides (``mae.train.steps=50``) are merged into the preset befor
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -29,11 +27,6 @@ class StrictModel(BaseModel):
     """Base for every config section: unknown keys are errors, values are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    def digest(self) -> str:
-        """A stable hash of the values, used to name output folders and Prefect cache keys."""
-        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 class SourceConfig(StrictModel):

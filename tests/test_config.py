@@ -47,8 +47,17 @@ def test_data_root_flag_beats_env_beats_default(tmp_path, monkeypatch):
     assert load_config("smoke").data_root.endswith(".patchflow")
 
 
-def test_config_digest_changes_with_values(tmp_path):
-    a = load_config("smoke", data_root=tmp_path).shard
-    b = load_config("smoke", ["shard.samples_per_shard=7"], data_root=tmp_path).shard
-    assert a.digest() == load_config("smoke", data_root=tmp_path).shard.digest()
-    assert a.digest() != b.digest()
+def test_stage_key_follows_config_and_upstream_outputs_only(tmp_path):
+    from tasks.stage import StageResult, stage_key
+
+    def upstream(digest: str) -> StageResult:
+        return StageResult(stage="shard", output_dir="x", manifest_path="x/manifest.json", digest=digest)
+
+    config = load_config("smoke", data_root=tmp_path).mae
+    same = load_config("smoke", data_root=tmp_path / "elsewhere").mae
+    changed = load_config("smoke", ["mae.mask_ratio=0.6"], data_root=tmp_path).mae
+    key = stage_key("mae_pretrain", config, [upstream("a")])
+    assert key == stage_key("mae_pretrain", same, [upstream("a")])  # the data root is not part of the key
+    assert key != stage_key("mae_pretrain", changed, [upstream("a")])
+    assert key != stage_key("mae_pretrain", config, [upstream("b")])
+    assert key != stage_key("evaluate", config, [upstream("a")])

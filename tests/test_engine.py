@@ -129,7 +129,7 @@ def test_two_rank_kill_and_resume_ends_identical_to_an_uninterrupted_two_rank_ru
     uneven = make_shards(tmp_path / "shards", samples_per_shard=30)
     config = _mae_config(steps=16, batch_size=8, checkpoint_every=4, nproc_per_node=2, num_workers=0, shuffle_buffer=16)
     straight = _pretrain(uneven, tmp_path / "straight", config)
-    with pytest.raises(RuntimeError, match="torchrun exited|run again to resume"):
+    with pytest.raises(RuntimeError, match="run again to resume"):
         _pretrain(uneven, tmp_path / "killed", config, stop_after=14)
     resumed = _pretrain(uneven, tmp_path / "killed", config)
     assert _curve(resumed)["resumed_from"] == 12 and _curve(resumed)["losses"] == _curve(straight)["losses"]

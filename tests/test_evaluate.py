@@ -187,12 +187,20 @@ def test_feature_blocks_deeper_than_the_encoder_are_refused(pretrained):
         evaluate.run(_eval_config(feature_blocks=9), [shards, mae], StageContext(data_root=root))
 
 
-def test_split_without_labels_is_refused_before_work(tmp_path):
+def test_shards_without_a_test_split_are_refused_before_work(tmp_path):
     table = require_shared("emoji-captions/twemoji")
     shards = make_shards(tmp_path, SourceConfig(kind="caption_table", path=str(table), max_train=40, max_val=10))
-    with pytest.raises(ValueError, match="missing \\['test'\\]|has no labels"):
+    with pytest.raises(ValueError, match=r"evaluation needs train/val/test splits; missing \['test'\]"):
         evaluate.run(_eval_config(), [shards, shards.model_copy(update={"stage": "mae_pretrain"})],
                      StageContext(data_root=tmp_path))
+    assert not (tmp_path / "stages" / "evaluate").exists()  # refused before any output was started
+
+
+def test_split_without_labels_is_refused(tmp_path):
+    manifest = {"outputs": {"classes": None, "splits": {
+        s: {"has_labels": s != "val", "class_histogram": {"0": 5, "1": 5}} for s in ("train", "val", "test")}}}
+    with pytest.raises(ValueError, match="split 'val' has no labels"):
+        evaluate._require_labelled_splits(manifest, "m.json")
 
 
 def test_one_class_train_split_is_refused(tmp_path):
