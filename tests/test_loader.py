@@ -11,6 +11,9 @@ import torch
 
 from PIL import Image
 
+from torchvision.transforms import v2
+
+from data_shards import loader
 from data_shards.loader import LoaderSpec, ShardError, epoch_loader, evaluation_batches, split_shards, training_batches
 from tasks.config import SourceConfig
 from tests.helpers import make_shards, manifest
@@ -44,6 +47,8 @@ def test_batches_are_decoded_normalised_tensors(shards):
     batch = next(iter(epoch_loader(_spec(shards, mean=(0.286,), std=(0.353,)), 0)))
     assert batch["image"].shape == (10, 1, 28, 28) and batch["image"].dtype == torch.float32
     assert batch["label"].shape == (10,) and 0 <= int(batch["label"].min()) and int(batch["label"].max()) < 10
+    raw = next(iter(epoch_loader(_spec(shards, mean=(0.0,), std=(1.0,)), 0)))
+    assert batch["key"] == raw["key"] and torch.allclose(batch["image"], (raw["image"] - 0.286) / 0.353, atol=1e-6)
     resized = next(iter(epoch_loader(_spec(shards, image_size=32, augment="crop_flip"), 0)))
     assert resized["image"].shape == (10, 1, 32, 32)
 
@@ -150,6 +155,9 @@ def test_every_rank_gets_the_same_number_of_samples_and_batches(shards, world_si
 
 
 def test_crop_is_torchvision_random_resized_crop_and_reproducible(shards):
+    crop = loader._augmenter("crop_flip", (32, 32), (0.2, 1.0)).transforms[0]
+    assert isinstance(crop, v2.RandomResizedCrop) and crop.scale == (0.2, 1.0) and list(crop.size) == [32, 32]
+    assert crop.ratio == pytest.approx((3 / 4, 4 / 3))  # MAE's aspect jitter
     spec = _spec(shards, augment="crop_flip", image_size=32, shuffle_buffer=1, crop_scale=(0.2, 1.0))
     first, again = next(iter(epoch_loader(spec, 0))), next(iter(epoch_loader(spec, 0)))
     assert torch.equal(first["image"], again["image"]) and first["key"] == again["key"]

@@ -118,7 +118,7 @@ def test_bad_idx_magic_names_the_file(tmp_path):
 
 
 def test_missing_source_path_is_named(tmp_path):
-    with pytest.raises(SourceError, match="does-not-exist"):
+    with pytest.raises(SourceError, match="does-not-exist: Fashion-MNIST folder does not exist"):
         make_shards(tmp_path, SourceConfig(kind="fashion_mnist", path=str(tmp_path / "does-not-exist")))
 
 
