@@ -72,6 +72,19 @@ dit_task = stage_task("dit_train", dit_stage.run)
 clip_task = stage_task("clip_train", clip_train.run)
 
 
+def _pairs_found(config: PipelineConfig) -> bool:
+    """The pairs dataset is optional data (the demo's Twemoji pairs ship beside the repo, not in it):
+    without it the CLIP branch is skipped with a warning that says how to enable it, rather than
+    failing a run whose other stages have all finished."""
+    path = config.pairs.source.path if config.pairs else None
+    if path is None or Path(path).expanduser().exists():
+        return True
+    get_run_logger().warning("clip_train skipped: the pairs source %s does not exist (set pairs.source.path to a "
+                             "caption table, e.g. the Twemoji pairs of the shared data folder)", path)
+    mlflow.set_tag("stage.clip_train", f"skipped: no pairs source at {path}")
+    return False
+
+
 @flow(name="patchflow", log_prints=True)
 def pipeline(
     preset: str = "demo", overrides: list[str] | None = None, data_root: str | None = None
@@ -102,7 +115,7 @@ def pipeline(
             results["dit_train"] = run_stage(dit_task, config.dit, upstream, context)
         # CLIP trains on the pairs dataset (its own shard run, cached on its own key); its image tower
         # starts from the MAE encoder when clip.image_init is mae. A preset without pairs runs no CLIP.
-        if "clip_train" in config.stages and config.pairs is not None:
+        if "clip_train" in config.stages and config.pairs is not None and _pairs_found(config):
             results["shard_pairs"] = run_stage(shard_task, config.pairs, [], context)
             mae_input = [results["mae_pretrain"]] if config.clip.image_init == "mae" and "mae_pretrain" in results else []
             results["clip_train"] = run_stage(clip_task, config.clip, [results["shard_pairs"]] + mae_input, context)

@@ -32,13 +32,15 @@ def _task_states(flow_run_id) -> dict[str, str]:
 def test_second_pipeline_run_is_cached_and_mlflow_has_nested_runs(prefect_harness, tmp_path):
     from flows.pipeline import pipeline
 
-    overrides = [f"shard.source.path={require_shared('fashion-mnist')}"]  # every stage, smoke budgets
+    overrides = [f"shard.source.path={require_shared('fashion-mnist')}",  # every stage, smoke budgets
+                 f"pairs.source.path={require_shared('emoji-captions/twemoji')}"]
     first = pipeline(preset="smoke", overrides=overrides, data_root=str(tmp_path), return_state=True)
     second = pipeline(preset="smoke", overrides=overrides, data_root=str(tmp_path), return_state=True)
     assert first.is_completed() and second.is_completed()
-    stages = {"shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train"}
-    assert _task_states(first.state_details.flow_run_id) == dict.fromkeys(stages, "Completed")
-    assert _task_states(second.state_details.flow_run_id) == dict.fromkeys(stages, "Cached")
+    stages = {"shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train", "clip_train"}
+    once = lambda state: {name: "+".join([state] * (2 if name == "shard" else 1)) for name in stages}  # images + pairs
+    assert _task_states(first.state_details.flow_run_id) == once("Completed")
+    assert _task_states(second.state_details.flow_run_id) == once("Cached")
     assert {k: r.output_dir for k, r in first.result().items()} == {k: r.output_dir for k, r in second.result().items()}
     # The DiT branch scored its samples with the evaluation stage's fine-tuned classifier.
     assert first.result()["dit_train"].manifest()["outputs"]["quality_classifier"] == "evaluate"
@@ -57,10 +59,24 @@ def test_second_pipeline_run_is_cached_and_mlflow_has_nested_runs(prefect_harnes
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 3
-    assert sorted(c.data.tags["patchflow.stage"] for c in children) == sorted([*stages, "dit_train"])
+    assert sorted(c.data.tags["patchflow.stage"] for c in children) == sorted([*stages, "shard", "dit_train"])
     child = next(c for c in children if c.data.tags["patchflow.stage"] == "shard")
     assert child.data.tags["mlflow.parentRunId"] in {p.info.run_id for p in parents}
     assert child.data.metrics["train_samples"] == 512
     assert "manifest.json" in [a.path for a in client.list_artifacts(child.info.run_id)]
     assert parents[0].data.params["mae.mask_ratio"] == "0.75"
     mlflow.set_tracking_uri("")  # do not leak this store into other tests
+
+
+def test_missing_pairs_source_skips_clip_and_says_so(prefect_harness, tmp_path):
+    from flows.pipeline import pipeline
+
+    overrides = [f"shard.source.path={require_shared('fashion-mnist')}", "stages=[shard,clip_train]",
+                 f"pairs.source.path={tmp_path / 'no-such-table'}"]
+    results = pipeline(preset="smoke", overrides=overrides, data_root=str(tmp_path))
+    assert set(results) == {"shard"}
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("patchflow").experiment_id])
+                 if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.tags["stage.clip_train"] == f"skipped: no pairs source at {tmp_path / 'no-such-table'}"
+    mlflow.set_tracking_uri("")
