@@ -24,6 +24,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_shards.py
 	$(BIN)/python benchmarks/bench_mae_step.py
+	$(BIN)/python benchmarks/bench_clip_step.py
 
 ui: setup
 	$(BIN)/patchflow ui
