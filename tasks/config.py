@@ -268,8 +268,21 @@ class CLIPConfig(StrictModel):
         return self
 
 
-STAGES = ("shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train", "clip_train")
-StageName = Literal["shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train", "clip_train"]
+class IndexConfig(StrictModel):
+    """A FAISS nearest-neighbour index over one split's embeddings (MAE class token or CLIP image tower)."""
+
+    name: str = Field(default="images-mae", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="What `patchflow query --index NAME` opens; files are NAME.faiss and NAME.meta.json.")
+    dataset: Literal["images", "pairs"] = Field(default="images", description="images: the shard stage; pairs: the pairs shards.")
+    encoder: Literal["mae", "clip"] = "mae"
+    split: str = "train"
+    target_recall: float = Field(default=0.95, gt=0.0, le=1.0, description="nprobe is raised until recall@10 vs exact search reaches this.")
+    factory: str | None = Field(default=None, description="A faiss index_factory string; None: Flat under 1,000 vectors, else IVF{4*sqrt(N)},Flat.")
+    batch_size: int = Field(default=256, gt=0)
+
+
+STAGES = ("shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train", "clip_train", "index")
+StageName = Literal["shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train", "clip_train", "index"]
 
 
 class PipelineConfig(StrictModel):
@@ -288,6 +301,7 @@ class PipelineConfig(StrictModel):
         default=None, description="The image-text pairs dataset (sharded by the shard stage, cached on its own key); "
                                   "without it clip_train does not run.")
     clip: CLIPConfig = CLIPConfig()
+    index: IndexConfig = IndexConfig()
 
 
 def available_presets() -> list[str]:
