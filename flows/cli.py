@@ -51,6 +51,31 @@ def _ui(args: argparse.Namespace) -> int:
     return subprocess.call(command, env=env)
 
 
+def _query(args: argparse.Namespace) -> int:
+    from tasks.search import SearchError, open_index, search
+
+    root = resolve_data_root(args.data_root)
+    try:
+        image = None
+        if args.image is not None:
+            try:
+                image = open(args.image, "rb").read()
+            except OSError as exc:
+                raise SearchError(f"cannot read image {args.image}: {exc.strerror}") from None
+        hits = search(open_index(root, args.index), text=args.text, image=image, key=args.key, k=args.k)
+    except SearchError as exc:
+        print(f"patchflow query: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(hits, indent=2))
+        return 0
+    print(f"{'rank':>4}  {'score':>7}  {'key':24s}  {'label':16s}  caption")
+    for hit in hits:
+        label = "" if hit["label"] is None else str(hit["label"])
+        print(f"{hit['rank']:>4}  {hit['score']:7.4f}  {hit['key']:24s}  {label:16s}  {hit['caption']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchflow", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(handler=_ui)
+    query = commands.add_parser("query", help="nearest neighbours in a built index (by text, image or key)")
+    kind = query.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--text", help="a text query (CLIP indexes only)")
+    kind.add_argument("--image", metavar="FILE", help="an image file to search with")
+    kind.add_argument("--key", help="the key of an indexed sample to search with")
+    query.add_argument("--index", default=None, metavar="NAME", help="index name (default: the newest finished index)")
+    query.add_argument("-k", type=int, default=10, help="how many results (1..1000)")
+    query.add_argument("--json", action="store_true", help="print the results as JSON")
+    query.add_argument("--data-root", default=None)
+    query.set_defaults(handler=_query)
     return parser
 
 

@@ -17,7 +17,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
-from tasks import clip_train, dit_stage, evaluate, latents, mae_pretrain, shard, vae_train
+from tasks import clip_train, dit_stage, evaluate, index, latents, mae_pretrain, shard, vae_train
 from tasks.config import PipelineConfig, load_config
 from tasks.stage import StageContext, StageResult, stage_key
 from tasks.tracking import configure_tracking, flatten
@@ -70,6 +70,19 @@ vae_task = stage_task("vae", vae_train.run)
 latents_task = stage_task("encode_latents", latents.run)
 dit_task = stage_task("dit_train", dit_stage.run)
 clip_task = stage_task("clip_train", clip_train.run)
+index_task = stage_task("index", index.run)
+
+
+def index_inputs(config: PipelineConfig, results: dict[str, StageResult]) -> list[StageResult]:
+    """The shard result and encoder result the index stage embeds with; a missing one is named."""
+    shard_stage = "shard" if config.index.dataset == "images" else "shard_pairs"
+    encoder_stage = "mae_pretrain" if config.index.encoder == "mae" else "clip_train"
+    missing = [name for name in (shard_stage, encoder_stage) if results.get(name) is None]
+    if missing:
+        hint = " (clip_train and the pairs dataset must be enabled)" if "shard_pairs" in missing or "clip_train" in missing else ""
+        raise ValueError(f"index (dataset={config.index.dataset}, encoder={config.index.encoder}) needs the "
+                         f"{' and '.join(missing)} stage result{'s' if len(missing) > 1 else ''}, which did not run{hint}")
+    return [results[shard_stage], results[encoder_stage]]
 
 
 @flow(name="patchflow", log_prints=True)
@@ -106,6 +119,8 @@ def pipeline(
             results["shard_pairs"] = run_stage(shard_task, config.pairs, [], context)
             mae_input = [results["mae_pretrain"]] if config.clip.image_init == "mae" and "mae_pretrain" in results else []
             results["clip_train"] = run_stage(clip_task, config.clip, [results["shard_pairs"]] + mae_input, context)
+        if "index" in config.stages:
+            results["index"] = run_stage(index_task, config.index, index_inputs(config, results), context)
         for name, result in results.items():
             mlflow.set_tag(f"stage.{name}", "reused" if result.reused else "ran")
             mlflow.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})
