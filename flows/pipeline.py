@@ -71,6 +71,7 @@ latents_task = stage_task("encode_latents", latents.run)
 dit_task = stage_task("dit_train", dit_stage.run)
 clip_task = stage_task("clip_train", clip_train.run)
 index_task = stage_task("index", index.run)
+index_task = stage_task("index", index.run)
 
 
 def index_inputs(config: PipelineConfig, results: dict[str, StageResult]) -> list[StageResult]:
@@ -121,6 +122,17 @@ def pipeline(
             results["clip_train"] = run_stage(clip_task, config.clip, [results["shard_pairs"]] + mae_input, context)
         if "index" in config.stages:
             results["index"] = run_stage(index_task, config.index, index_inputs(config, results), context)
+        # Indexes come after the encoders: each target names a dataset and an encoder of this run
+        # (checked when the config loads), and the stage reads only what its targets need.
+        if "index" in config.stages and config.index.targets:
+            datasets = {"images": results["shard"], "pairs": results.get("shard_pairs")}
+            encoders = {"mae": results.get("mae_pretrain"), "clip": results.get("clip_train")}
+            used = [datasets[t.dataset] for t in config.index.targets] + [encoders[t.encoder] for t in config.index.targets]
+            upstream = list({r.digest: r for r in used if r is not None}.values())
+            roles = {name: r.digest for name, r in datasets.items() if r is not None and r in upstream}
+            index_context = StageContext(data_root=root, parent_run_id=parent.info.run_id,
+                                         extra={"index_datasets": roles})
+            results["index"] = run_stage(index_task, config.index, upstream, index_context)
         for name, result in results.items():
             mlflow.set_tag(f"stage.{name}", "reused" if result.reused else "ran")
             mlflow.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})

@@ -1,10 +1,19 @@
-"""The index stage: embed one split of the shards with a trained encoder and build a FAISS index on it.
+"""The index stage: embed a dataset split with a trained encoder and build a tuned FAISS index on it.
 
-Embeddings are written per shard (``embeddings/<shard>.npy`` plus a ``.json`` of keys, captions and
-labels), each atomically and the array last, so a killed run re-embeds only the shards it had not
-finished. The index is an exact ``Flat`` below 1,000 vectors, else ``IVF{k},Flat`` with k ≈ 4·√N, on
-inner product over L2-normalised vectors (cosine similarity); ``nprobe`` is raised until recall@10
-against exact search reaches ``target_recall``.
+For each target of ``IndexConfig.targets``:
+
+1. embed the split shard by shard (MAE: mean patch token after the final LayerNorm, through
+   ``tasks.features.extract_features``; CLIP: ``encode_image``), L2-normalised float32, each shard's
+   vectors and rows written atomically as ``<name>/embeddings/<shard>.npy`` / ``.json`` — a killed
+   run re-embeds only the shards whose files are missing;
+2. choose an index autofaiss-style (or take ``factory``): Flat below 1k vectors, HNSW32 below 10k,
+   ``IVF{4·√N},Flat`` beyond, ``OPQ/IVF-PQ`` when flat vectors would exceed ``memory_budget_mb``;
+   inner product on unit vectors, i.e. cosine similarity;
+3. raise nprobe / efSearch until recall@10 against exact search on a sample of the vectors used as
+   queries reaches ``target_recall``; measure QPS and the serialised size;
+4. write ``<name>.faiss`` (temp file, then rename) and ``<name>.meta.json`` (id → key, caption, label,
+   shard and the image member's byte range, so a thumbnail is one seek, plus how to rebuild the
+   encoder for queries), then the manifest last.
 """
 
 from __future__ import annotations
@@ -13,29 +22,34 @@ import json
 import logging
 import math
 import os
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import faiss
 import mlflow
 import numpy as np
 import torch
 
 from data_shards.atomic import write_bytes_atomic, write_json_atomic
-from data_shards.loader import LoaderSpec, evaluation_batches, split_shards
-from tasks.config import IndexConfig
+from data_shards.loader import IMAGE_EXTS, LoaderSpec, evaluation_batches, split_shards
+from tasks.config import IndexConfig, IndexTarget
 from tasks.devices import stage_device
+from tasks.features import extract_features
+from tasks.finetune import build_encoder, load_encoder_weights
 from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
 from tasks.tracking import stage_run
 
 STAGE = "index"
 ENCODER_STAGES = {"mae": "mae_pretrain", "clip": "clip_train"}
-MAE_POOL = "token"  # the MAE encoder's class token (after the final LayerNorm) is the image's vector
-RECALL_QUERIES = 200
+META_FORMAT = "patchflow-index/1"
 RECALL_K = 10
-FLAT_BELOW = 1000
-TRAIN_PER_LIST = 256  # FAISS wants ~39 training points per list at least; 256 is its sampling cap
+FLAT_BELOW = 1_000
+HNSW_BELOW = 10_000
+TRAIN_PER_LIST = 64  # k-means wants >= ~39 points per centroid; 64 keeps training quick
+MIN_PER_LIST = 39
 log = logging.getLogger("patchflow.index")
 
 
@@ -45,9 +59,12 @@ def l2_normalise(vectors: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
+# --------------------------------------------------------------------------- encoders
+
+
 @dataclass
 class Embedder:
-    """An encoder and the input geometry its images need; ``images`` are normalised (N, C, H, W)."""
+    """A trained encoder, the input geometry its images need, and (CLIP) its text tower."""
 
     kind: str
     model: torch.nn.Module
@@ -55,252 +72,304 @@ class Embedder:
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    device: str = "cpu"
     tokenizer: Any = None
+    device: str = "cpu"
 
-    def loader_spec(self, shard_paths: tuple[str, ...], batch_size: int) -> LoaderSpec:
+    def spec(self, shard_paths: tuple[str, ...], batch_size: int = 256) -> LoaderSpec:
         return LoaderSpec(shard_paths=shard_paths, batch_size=batch_size, shuffle=False, image_size=self.image_size,
                           channels=self.channels, mean=self.mean, std=self.std)
 
     @torch.no_grad()
     def embed_batches(self, batches: Iterable[dict[str, Any]]) -> np.ndarray:
+        """(N, D) unit float32 vectors for normalised image batches."""
         if self.kind == "mae":
-            from tasks.features import extract_features
-
-            return l2_normalise(extract_features(self.model, batches, device=self.device, pools=(MAE_POOL,))[MAE_POOL])
+            return l2_normalise(extract_features(self.model, batches, device=self.device, pools=("avg",))["avg"])
         chunks = [self.model.encode_image(torch.as_tensor(b["image"]).to(self.device)).float().cpu().numpy()
                   for b in batches]
         if not chunks:
             raise ValueError("no images to embed")
         return l2_normalise(np.concatenate(chunks))
 
-    def embed_images(self, images: torch.Tensor) -> np.ndarray:
-        return self.embed_batches([{"image": images}])
-
     @torch.no_grad()
     def embed_text(self, texts: list[str]) -> np.ndarray:
         if self.kind != "clip":
-            raise ValueError(f"a {self.kind} encoder has no text tower")
+            raise ValueError(f"text queries need a CLIP index; this index is embedded by the {self.kind} encoder")
         tokens = self.tokenizer.encode(texts).to(self.device)
         return l2_normalise(self.model.encode_text(tokens).float().cpu().numpy())
 
 
-def load_embedder(kind: str, encoder_manifest: str | Path, device: str = "cpu") -> Embedder:
-    """Rebuild the encoder an upstream stage exported, from that stage's manifest."""
-    encoder_manifest = Path(encoder_manifest)
-    outputs = json.loads(encoder_manifest.read_text())["outputs"]
+def encoder_record(kind: str, result: StageResult, data_root: Path) -> dict[str, Any]:
+    """What rebuilds the encoder later (paths relative to the data root, so the root can move)."""
+    outputs = result.manifest()["outputs"]
+    folder = Path(result.output_dir).resolve().relative_to(Path(data_root).resolve())
     if kind == "mae":
-        from tasks.finetune import build_encoder, load_encoder_weights
-
-        architecture, normalization = outputs["architecture"], outputs["normalization"]
-        encoder = build_encoder(architecture)
-        load_encoder_weights(encoder, encoder_manifest.parent / outputs["encoder"]["path"])
-        encoder.to(device).eval()
-        return Embedder("mae", encoder, architecture["image_size"], architecture["in_chans"],
-                        tuple(normalization["mean"]), tuple(normalization["std"]), device)
-    if kind == "clip":
-        from models.clip import load_clip
-
-        model, tokenizer, info = load_clip(encoder_manifest.parent / outputs["model"]["path"])
-        model.to(device).eval()
-        return Embedder("clip", model, info["image_size"], info["channels"], tuple(info["mean"]), tuple(info["std"]),
-                        device, tokenizer)
-    raise ValueError(f"unknown encoder kind {kind!r}")
+        return {"kind": "mae", "weights": str(folder / outputs["encoder"]["path"]), "architecture": outputs["architecture"],
+                "normalization": outputs["normalization"], "manifest_digest": result.digest}
+    return {"kind": "clip", "weights": str(folder / outputs["model"]["path"]), "image": outputs["image"],
+            "manifest_digest": result.digest}
 
 
-def _recording(batches: Iterable[dict[str, Any]], rows: dict[str, list]) -> Iterator[dict[str, Any]]:
-    """Pass the batches through, keeping each sample's key, caption and label in order."""
+def load_embedder(record: dict[str, Any], data_root: Path, device: str = "cpu") -> Embedder:
+    """Rebuild the encoder of ``encoder_record`` (MAE: strictly, through the evaluation helpers)."""
+    weights = Path(data_root) / record["weights"]
+    if not weights.is_file():
+        raise FileNotFoundError(f"encoder weights {weights} are missing")
+    if record["kind"] == "mae":
+        arch, norm = record["architecture"], record["normalization"]
+        model = build_encoder(arch)
+        load_encoder_weights(model, weights)
+        return Embedder("mae", model.to(device).eval(), arch["image_size"], arch["in_chans"], tuple(norm["mean"]),
+                        tuple(norm["std"]), device=device)
+    from models.clip import load_clip
+
+    model, tokenizer, _ = load_clip(weights)
+    image = record["image"]
+    return Embedder("clip", model.to(device).eval(), image["image_size"], image["channels"], tuple(image["mean"]),
+                    tuple(image["std"]), tokenizer=tokenizer, device=device)
+
+
+# --------------------------------------------------------------------------- embedding
+
+
+def image_members(shard: Path) -> dict[str, dict[str, Any]]:
+    """key → the image member's name, extension and byte range in the (uncompressed) tar."""
+    members: dict[str, dict[str, Any]] = {}
+    with tarfile.open(shard, "r:") as tar:
+        for info in tar:
+            key, _, ext = info.name.partition(".")
+            if info.isfile() and ext in IMAGE_EXTS and key not in members:
+                members[key] = {"member": info.name, "ext": ext, "offset": info.offset_data, "size": info.size}
+    return members
+
+
+def _recording(batches: Iterable[dict[str, Any]], rows: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     for batch in batches:
-        rows["keys"].extend(batch["key"])
-        rows["captions"].extend(batch["caption"])
-        rows["labels"].extend(int(v) for v in torch.as_tensor(batch["label"]).reshape(-1).tolist())
+        labels = batch["label"].tolist()
+        rows.extend({"key": k, "caption": c.split("\n")[0], "label": int(l)}
+                    for k, c, l in zip(batch["key"], batch["caption"], labels))
         yield batch
 
 
-def shard_stem(shard_path: str) -> str:
-    name = Path(shard_path).name
-    return name[: -len(".tar")] if name.endswith(".tar") else name
-
-
-def embed_shards(embedder: Embedder, shard_paths: tuple[str, ...], embeddings_dir: Path,
-                 batch_size: int) -> tuple[list[dict[str, Any]], int]:
-    """Embed every shard not embedded yet; returns the per-shard records (in shard order) and how many
-    shards were embedded now (the rest were found finished)."""
-    records, embedded_now = [], 0
-    for path in shard_paths:
-        stem = shard_stem(path)
-        array_path, rows_path = embeddings_dir / f"{stem}.npy", embeddings_dir / f"{stem}.json"
-        if not (array_path.is_file() and rows_path.is_file()):
-            rows: dict[str, list] = {"keys": [], "captions": [], "labels": []}
-            vectors = embedder.embed_batches(_recording(evaluation_batches(embedder.loader_spec((path,), batch_size)), rows))
-            if len(vectors) != len(rows["keys"]):
-                raise RuntimeError(f"{path}: {len(vectors)} embeddings for {len(rows['keys'])} samples")
-            write_json_atomic(rows_path, rows)
-            buffer = _npy_bytes(vectors)
-            write_bytes_atomic(array_path, buffer)  # the array last: its presence means the shard is done
-            embedded_now += 1
-            log.info("embedded %s: %d vectors", stem, len(vectors))
-        count = int(np.load(array_path, mmap_mode="r").shape[0])
-        records.append({"shard": stem, "path": f"embeddings/{stem}.npy", "rows": f"embeddings/{stem}.json", "count": count})
-    return records, embedded_now
+def embed_shard(embedder: Embedder, shard: Path, out_dir: Path, batch_size: int) -> int:
+    """Embed one shard into ``out_dir/<shard>.npy`` (+ ``.json`` rows); the array is written last."""
+    rows: list[dict[str, Any]] = []
+    vectors = embedder.embed_batches(_recording(evaluation_batches(embedder.spec((str(shard),), batch_size)), rows))
+    members = image_members(shard)
+    for row in rows:
+        row |= members[row["key"]]
+    stem = out_dir / shard.name
+    write_json_atomic(stem.with_suffix(".json"), rows)
+    buffer = _npy_bytes(vectors)
+    write_bytes_atomic(stem.with_suffix(".npy"), buffer)
+    return len(rows)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
     import io
 
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
+    handle = io.BytesIO()
+    np.save(handle, array, allow_pickle=False)
+    return handle.getvalue()
 
 
-def choose_factory(n: int, factory: str | None) -> str:
-    if factory:
-        return factory
+def embed_split(embedder: Embedder, shards: tuple[str, ...], out_dir: Path, batch_size: int
+                ) -> tuple[np.ndarray, list[dict[str, Any]], list[str]]:
+    """Every shard's vectors and rows, embedding only shards without finished files; also the names embedded now."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    embedded_now: list[str] = []
+    vectors, rows = [], []
+    for shard in map(Path, shards):
+        stem = out_dir / shard.name
+        if not (stem.with_suffix(".npy").is_file() and stem.with_suffix(".json").is_file()):
+            count = embed_shard(embedder, shard, out_dir, batch_size)
+            embedded_now.append(shard.name)
+            log.info("index: embedded %s (%d images)", shard.name, count)
+        shard_rows = json.loads(stem.with_suffix(".json").read_text())
+        shard_vectors = np.load(stem.with_suffix(".npy"), allow_pickle=False)
+        if len(shard_rows) != len(shard_vectors):
+            raise ValueError(f"{stem}: {len(shard_vectors)} vectors but {len(shard_rows)} rows")
+        for i, row in enumerate(shard_rows):
+            row["shard"] = shard.name
+            row["row"] = i
+        vectors.append(shard_vectors)
+        rows.extend(shard_rows)
+    if not rows:
+        raise ValueError(f"{out_dir}: the split has no images to index")
+    return np.concatenate(vectors), rows, embedded_now
+
+
+# --------------------------------------------------------------------------- index choice and tuning
+
+
+def choose_factory(n: int, dim: int, memory_budget_mb: float) -> str:
+    """autofaiss-style choice by size and memory budget."""
     if n < FLAT_BELOW:
         return "Flat"
-    return f"IVF{max(1, round(4 * math.sqrt(n)))},Flat"
+    nlist = max(1, min(int(4 * math.sqrt(n)), n // MIN_PER_LIST))
+    if n * dim * 4 > memory_budget_mb * 2**20:
+        m = next(m for m in (64, 32, 16, 8, 4, 2, 1) if m <= dim // 2 and dim % m == 0 or m == 1)
+        return f"OPQ{m}_{m * 4},IVF{nlist},PQ{m}"
+    if n < HNSW_BELOW:
+        return "HNSW32"
+    return f"IVF{nlist},Flat"
 
 
-def build_index(vectors: np.ndarray, factory: str, seed: int = 0) -> Any:
-    import faiss
-
-    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        ivf = _ivf(index)
-        want = TRAIN_PER_LIST * ivf.nlist if ivf is not None else len(vectors)
-        if ivf is not None and len(vectors) < ivf.nlist:
-            raise ValueError(f"{factory}: {ivf.nlist} lists need at least as many vectors, got {len(vectors)}")
-        sample = vectors
-        if len(vectors) > want:
-            sample = vectors[np.random.default_rng(seed).choice(len(vectors), want, replace=False)]
-        index.train(sample)
-    index.add(vectors)
-    return index
-
-
-def _ivf(index: Any) -> Any:
-    import faiss
-
+def _nlist(index: faiss.Index) -> int | None:
     try:
-        return faiss.extract_index_ivf(index)
+        return faiss.extract_index_ivf(index).nlist
     except RuntimeError:
         return None
 
 
-def set_nprobe(index: Any, nprobe: int) -> None:
-    ivf = _ivf(index)
-    if ivf is not None:
-        ivf.nprobe = nprobe
+def build_index(vectors: np.ndarray, factory: str, seed: int = 0) -> faiss.Index:
+    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        nlist = _nlist(index) or 1
+        rng = np.random.default_rng(seed)
+        sample = min(len(vectors), max(nlist * TRAIN_PER_LIST, 1000))
+        train = vectors[np.sort(rng.choice(len(vectors), sample, replace=False))]
+        if nlist > 1 and len(train) < nlist * MIN_PER_LIST:
+            log.warning("index: %d training points for %d lists (< %d per list)", len(train), nlist, MIN_PER_LIST)
+        index.train(train)
+    index.add(vectors)
+    return index
 
 
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    k = truth.shape[1]
-    return float(np.mean([len(set(f[f >= 0]) & set(t)) / k for f, t in zip(found, truth)]))
+def search_knobs(index: faiss.Index) -> tuple[str | None, list[int]]:
+    """The parameter that trades speed for recall, and the values to try in increasing order."""
+    nlist = _nlist(index)
+    if nlist is not None:
+        values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if v < nlist] + [nlist]
+        return "nprobe", values
+    if "HNSW" in type(faiss.downcast_index(index)).__name__:
+        return "efSearch", [16, 32, 64, 128, 256, 512, 1024, 2048]
+    return None, []
 
 
-def tune_nprobe(index: Any, vectors: np.ndarray, target: float, seed: int = 0) -> dict[str, float]:
-    """The smallest power-of-two nprobe (capped at nlist) whose recall@10 against exact inner-product
-    search over ``RECALL_QUERIES`` sampled database vectors reaches ``target``, and its QPS."""
-    import faiss
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int = RECALL_K) -> float:
+    hits = sum(len(set(f[:k]) & set(t[:k])) for f, t in zip(found, truth))
+    return hits / (len(truth) * k)
 
-    rng = np.random.default_rng(seed)
-    queries = vectors[rng.choice(len(vectors), min(RECALL_QUERIES, len(vectors)), replace=False)]
+
+def set_param(index: faiss.Index, name: str | None, value: int | None) -> None:
+    if name is not None and value is not None:
+        faiss.ParameterSpace().set_index_parameter(index, name, value)
+
+
+def tune(index: faiss.Index, vectors: np.ndarray, target: float, queries: int, seed: int = 0) -> dict[str, Any]:
+    """Raise the knob until recall@10 vs exact search reaches ``target``; recall, QPS and the knob chosen."""
+    rng = np.random.default_rng(seed + 1)
+    q = vectors[rng.choice(len(vectors), min(queries, len(vectors)), replace=False)]
     k = min(RECALL_K, len(vectors))
     exact = faiss.IndexFlatIP(vectors.shape[1])
     exact.add(vectors)
-    _, truth = exact.search(queries, k)
-    ivf = _ivf(index)
-    candidates = [1]
-    if ivf is not None:
-        while candidates[-1] < ivf.nlist:
-            candidates.append(min(candidates[-1] * 2, ivf.nlist))
-    for nprobe in candidates:
-        set_nprobe(index, nprobe)
-        _, found = index.search(queries, k)
-        recall = recall_at_k(found, truth)
-        log.info("nprobe=%d recall@%d=%.4f", nprobe, k, recall)
+    _, truth = exact.search(q, k)
+    name, values = search_knobs(index)
+    tried: list[dict[str, float]] = []
+    for value in values or [None]:
+        set_param(index, name, value)
+        start = time.perf_counter()
+        _, found = index.search(q, k)
+        elapsed = time.perf_counter() - start
+        recall = recall_at_k(found, truth, k)
+        tried.append({"value": value, "recall": recall, "qps": len(q) / max(elapsed, 1e-9)})
         if recall >= target:
             break
-    else:
-        log.warning("recall@%d %.4f stays below the target %.3f at nprobe=%d", k, recall, target, nprobe)
-    repeats, start = 0, time.perf_counter()
-    while repeats < 3 or time.perf_counter() - start < 0.2:
-        index.search(queries, k)
-        repeats += 1
-    qps = repeats * len(queries) / (time.perf_counter() - start)
-    return {"nprobe": float(nprobe if ivf is not None else 0), "recall_at_10": recall, "qps": qps,
-            "recall_queries": float(len(queries))}
+    best = tried[-1]
+    if best["recall"] < target:
+        log.warning("index: recall@10 %.4f stays below the target %.3f at %s=%s", best["recall"], target, name, best["value"])
+    return {"param": name, "value": best["value"], "recall_at_10": best["recall"], "qps": best["qps"],
+            "queries": len(q), "tried": tried, "target_met": best["recall"] >= target}
 
 
-def write_index_atomic(index: Any, path: Path) -> None:
-    import faiss
-
+def write_index_atomic(index: faiss.Index, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         faiss.write_index(index, str(tmp))
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def _label_name(label: int, classes: list[str] | None) -> Any:
-    if label < 0:
-        return None
-    if classes and label < len(classes):
-        return classes[label]
-    return label
+# --------------------------------------------------------------------------- the stage
+
+
+def _inputs_by_role(inputs: list[StageResult], context: StageContext) -> tuple[dict[str, StageResult], dict[str, StageResult]]:
+    """Datasets by name (``context.extra["index_datasets"]``: name → shard digest) and encoders by kind."""
+    roles: dict[str, str] = context.extra.get("index_datasets", {})
+    shards = {r.digest: r for r in inputs if r.stage == "shard"}
+    datasets = {name: shards[digest] for name, digest in roles.items() if digest in shards}
+    if not roles and len(shards) == 1:
+        datasets = {"images": next(iter(shards.values()))}
+    encoders = {kind: r for kind, stage in ENCODER_STAGES.items() for r in inputs if r.stage == stage}
+    return datasets, encoders
+
+
+def build_target(target: IndexTarget, config: IndexConfig, dataset: StageResult, encoder: StageResult,
+                 output_dir: Path, data_root: Path, device: str) -> tuple[dict[str, Any], dict[str, float]]:
+    record = encoder_record(target.encoder, encoder, data_root)
+    embedder = load_embedder(record, data_root, device)
+    shards = split_shards(dataset.manifest_path, target.split)
+    start = time.perf_counter()
+    vectors, rows, embedded_now = embed_split(embedder, shards, output_dir / target.name / "embeddings", config.batch_size)
+    embed_s = time.perf_counter() - start
+    factory = config.factory or choose_factory(len(vectors), vectors.shape[1], config.memory_budget_mb)
+    start = time.perf_counter()
+    index = build_index(vectors, factory)
+    build_s = time.perf_counter() - start
+    tuning = tune(index, vectors, config.target_recall, config.recall_queries)
+    set_param(index, tuning["param"], tuning["value"])
+    index_path = output_dir / f"{target.name}.faiss"
+    write_index_atomic(index, index_path)
+    shard_dir = Path(dataset.output_dir).resolve().relative_to(Path(data_root).resolve())
+    meta = {
+        "format": META_FORMAT, "name": target.name, "dataset": target.dataset, "split": target.split,
+        "encoder": record, "factory": factory, "metric": "inner_product", "dim": int(vectors.shape[1]),
+        "count": len(rows), "search_param": {"name": tuning["param"], "value": tuning["value"]},
+        "shard_dir": str(shard_dir), "embeddings_dir": f"{target.name}/embeddings",
+        "items": [{k: row[k] for k in ("key", "caption", "label", "shard", "row", "member", "ext", "offset", "size")}
+                  for row in rows],
+    }
+    write_json_atomic(output_dir / f"{target.name}.meta.json", meta)
+    metrics = {"recall_at_10": tuning["recall_at_10"], "qps": tuning["qps"], "bytes": float(index_path.stat().st_size),
+               "vectors": float(len(rows)), "dim": float(vectors.shape[1]), "embed_s": embed_s, "build_s": build_s,
+               "target_met": float(tuning["target_met"]), "shards_embedded": float(len(embedded_now))}
+    if tuning["value"] is not None:
+        metrics[tuning["param"]] = float(tuning["value"])
+    summary = {"index": index_path.name, "meta": f"{target.name}.meta.json", "factory": factory,
+               "search_param": meta["search_param"], "count": len(rows), "dim": meta["dim"], "dataset": target.dataset,
+               "encoder": target.encoder, "split": target.split, "tuning": tuning["tried"],
+               "shards_embedded_now": embedded_now}
+    log.info("index %s: %s over %d vectors, %s=%s recall@10=%.4f qps=%.0f bytes=%d", target.name, factory, len(rows),
+             tuning["param"], tuning["value"], tuning["recall_at_10"], tuning["qps"], metrics["bytes"])
+    return summary, metrics
 
 
 def run(config: IndexConfig, inputs: list[StageResult], context: StageContext) -> StageResult:
-    """Embed the split of the upstream shards with the upstream encoder and index it; reuse a finished run."""
-    shards = [r for r in inputs if r.stage == "shard"]
-    encoders = [r for r in inputs if r.stage == ENCODER_STAGES[config.encoder]]
-    if len(shards) != 1 or len(encoders) != 1:
-        raise ValueError(f"index needs one shard result and one {ENCODER_STAGES[config.encoder]} result "
-                         f"(encoder={config.encoder}); got stages {[r.stage for r in inputs]}")
-    (shard_result,), (encoder_result,) = shards, encoders
+    """Build every target's index; reuse a finished run, and re-embed only missing shards of a killed one."""
     output_dir = stage_output_dir(context.data_root, STAGE, config, inputs)
     done = finished_result(output_dir)
     if done is not None:
         return done
-    shard_paths = split_shards(shard_result.manifest_path, config.split)
-    classes = shard_result.manifest()["outputs"].get("classes")
-    device = stage_device(context)
-    embedder = load_embedder(config.encoder, encoder_result.manifest_path, device)
+    datasets, encoders = _inputs_by_role(inputs, context)
+    for target in config.targets:
+        if target.dataset not in datasets:
+            raise ValueError(f"index target {target.name!r}: dataset {target.dataset!r} is not among the inputs")
+        if target.encoder not in encoders:
+            raise ValueError(f"index target {target.name!r}: encoder {target.encoder!r} is not among the inputs")
     output_dir.mkdir(parents=True, exist_ok=True)
-    params = {**config.model_dump(mode="json"), "device": device, "shards": len(shard_paths)}
-    with stage_run(STAGE, context.data_root, context.parent_run_id, params=params) as tracked:
-        start = time.perf_counter()
-        records, embedded_now = embed_shards(embedder, shard_paths, output_dir / "embeddings", config.batch_size)
-        embed_s = time.perf_counter() - start
-        vectors = np.concatenate([np.load(output_dir / r["path"]) for r in records]).astype(np.float32, copy=False)
-        meta = []
-        for record in records:
-            rows = json.loads((output_dir / record["rows"]).read_text())
-            meta.extend({"key": key, "caption": caption, "label": _label_name(label, classes), "shard": record["shard"]}
-                        for key, caption, label in zip(rows["keys"], rows["captions"], rows["labels"]))
-        factory = choose_factory(len(vectors), config.factory)
-        start = time.perf_counter()
-        index = build_index(vectors, factory)
-        build_s = time.perf_counter() - start
-        tuned = tune_nprobe(index, vectors, config.target_recall)
-        set_nprobe(index, int(tuned["nprobe"]) or 1)
-        index_path = output_dir / f"{config.name}.faiss"
-        write_index_atomic(index, index_path)
-        write_json_atomic(output_dir / f"{config.name}.meta.json", {"ids": meta})
-        metrics = {**tuned, "vectors": float(len(vectors)), "dim": float(vectors.shape[1]),
-                   "index_bytes": float(index_path.stat().st_size), "shards_embedded": float(embedded_now),
-                   "shards_reused": float(len(records) - embedded_now), "embed_s": embed_s, "build_s": build_s}
-        mlflow.log_metrics(metrics)
-        mlflow.set_tag("index.factory", factory)
-        outputs = {
-            "name": config.name, "factory": factory, "nprobe": int(tuned["nprobe"]), "metric": "inner_product",
-            "recall_at_10": tuned["recall_at_10"], "index_bytes": int(index_path.stat().st_size),
-            "index": f"{config.name}.faiss", "meta": f"{config.name}.meta.json", "embeddings": records,
-            "vectors": len(vectors), "dim": int(vectors.shape[1]), "split": config.split,
-            "encoder": {"kind": config.encoder, "stage": encoder_result.stage, "manifest": encoder_result.manifest_path,
-                        "digest": encoder_result.digest, "pool": MAE_POOL if config.encoder == "mae" else "image_proj"},
-        }
+    with stage_run(STAGE, context.data_root, context.parent_run_id, params=config.model_dump(mode="json")) as tracked:
+        device = stage_device(context)
+        outputs: dict[str, Any] = {"targets": {}}
+        metrics: dict[str, float] = {}
+        for target in config.targets:
+            summary, target_metrics = build_target(target, config, datasets[target.dataset], encoders[target.encoder],
+                                                   output_dir, Path(context.data_root), device)
+            outputs["targets"][target.name] = summary
+            metrics |= {f"{target.name}/{k}": v for k, v in target_metrics.items()}
+            mlflow.log_param(f"{target.name}/factory", summary["factory"])
+        if metrics:
+            mlflow.log_metrics(metrics)
+        mlflow.log_dict(outputs, "index_summary.json")
         return write_manifest(output_dir, STAGE, config, inputs, outputs, metrics, tracked.info.run_id)
