@@ -71,19 +71,6 @@ latents_task = stage_task("encode_latents", latents.run)
 dit_task = stage_task("dit_train", dit_stage.run)
 clip_task = stage_task("clip_train", clip_train.run)
 index_task = stage_task("index", index.run)
-index_task = stage_task("index", index.run)
-
-
-def index_inputs(config: PipelineConfig, results: dict[str, StageResult]) -> list[StageResult]:
-    """The shard result and encoder result the index stage embeds with; a missing one is named."""
-    shard_stage = "shard" if config.index.dataset == "images" else "shard_pairs"
-    encoder_stage = "mae_pretrain" if config.index.encoder == "mae" else "clip_train"
-    missing = [name for name in (shard_stage, encoder_stage) if results.get(name) is None]
-    if missing:
-        hint = " (clip_train and the pairs dataset must be enabled)" if "shard_pairs" in missing or "clip_train" in missing else ""
-        raise ValueError(f"index (dataset={config.index.dataset}, encoder={config.index.encoder}) needs the "
-                         f"{' and '.join(missing)} stage result{'s' if len(missing) > 1 else ''}, which did not run{hint}")
-    return [results[shard_stage], results[encoder_stage]]
 
 
 @flow(name="patchflow", log_prints=True)
@@ -120,8 +107,6 @@ def pipeline(
             results["shard_pairs"] = run_stage(shard_task, config.pairs, [], context)
             mae_input = [results["mae_pretrain"]] if config.clip.image_init == "mae" and "mae_pretrain" in results else []
             results["clip_train"] = run_stage(clip_task, config.clip, [results["shard_pairs"]] + mae_input, context)
-        if "index" in config.stages:
-            results["index"] = run_stage(index_task, config.index, index_inputs(config, results), context)
         # Indexes come after the encoders: each target names a dataset and an encoder of this run
         # (checked when the config loads), and the stage reads only what its targets need.
         if "index" in config.stages and config.index.targets:

@@ -94,3 +94,171 @@ def test_a_target_whose_encoder_is_not_in_the_run_fails_at_config_load_naming_it
     with pytest.raises(ConfigError, match="index target 'pairs-clip'.*clip"):
         load_config("smoke", ["stages=[shard,mae_pretrain,index]",
                               "index.targets=[{name: pairs-clip, dataset: pairs, encoder: clip}]"])
+
+
+# --------------------------------------------------------------------------- search module, CLI, service
+
+import base64  # noqa: E402
+import io  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import httpx  # noqa: E402
+import uvicorn  # noqa: E402
+
+from flows.cli import main as cli_main  # noqa: E402
+from flows.serve import create_app  # noqa: E402
+from tasks.search import SearchError, open_index, search, thumbnail  # noqa: E402
+
+
+def test_key_query_finds_itself_first_and_image_query_agrees(built):
+    index = open_index(built["root"], "images-mae")
+    key = index.meta["items"][321]["key"]
+    hits = search(index, key=key, k=5)
+    assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+    assert hits[0]["key"] == key and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert all(a["score"] >= b["score"] for a, b in zip(hits, hits[1:]))
+    data, media = thumbnail(index, key)
+    assert media == "image/png"
+    by_image = search(index, image=data, k=5)
+    assert by_image[0]["key"] == key  # the stored PNG re-embedded lands on its own vector
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"key": "nope"}, "unknown key 'nope'"),
+    ({"key": None, "k": 3}, "exactly one of text, image or key"),
+    ({"text": "a shoe", "key": "x"}, "exactly one"),
+    ({"text": "a shoe"}, "text queries need a CLIP index"),
+    ({"image": b"not an image"}, "not a readable image"),
+    ({"image": b""}, "image upload is empty"),
+    ({"key": "x", "k": 0}, "k must be an integer in 1..1000"),
+    ({"key": "x", "k": 1001}, "k must be an integer in 1..1000"),
+])
+def test_bad_queries_raise_one_error_naming_the_problem(built, kwargs, message):
+    index = open_index(built["root"], "images-mae")
+    with pytest.raises(SearchError, match=message):
+        search(index, **kwargs)
+
+
+def test_index_names_are_validated(built):
+    with pytest.raises(SearchError, match="invalid index name"):
+        open_index(built["root"], "../../etc")
+    with pytest.raises(SearchError, match="unknown index 'missing'"):
+        open_index(built["root"], "missing")
+
+
+def test_cli_query_json_and_exit_code_2_on_unknown_index(built, capsys, tmp_path):
+    index = open_index(built["root"], "images-mae")
+    key = index.meta["items"][5]["key"]
+    grid = tmp_path / "grid.png"
+    assert cli_main(["query", "--key", key, "-k", "4", "--json", "--grid", str(grid), "--data-root", str(built["root"])]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["index"] == "images-mae" and len(answer["results"]) == 4 and answer["results"][0]["key"] == key
+    from PIL import Image
+    assert Image.open(grid).size == (4 * 64, 64)
+    assert cli_main(["query", "--key", key, "--index", "nosuch", "--data-root", str(built["root"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown index 'nosuch'" in err[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _Server:
+    def __init__(self, root: Path):
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(create_app(root), host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def test_service_answers_every_bad_input_with_a_4xx_and_keeps_serving(built):
+    index = open_index(built["root"], "images-mae")
+    key = index.meta["items"][77]["key"]
+    good = {"index": "images-mae", "k": 5, "key": key}
+    bad = [
+        ({"json": {"index": "nosuch", "key": key}}, 404, "unknown index"),
+        ({"json": {"index": "../x", "key": key}}, 400, "invalid index name"),
+        ({"json": {"index": "images-mae", "key": "nokey"}}, 404, "unknown key"),
+        ({"json": {"index": "images-mae", "key": key, "k": 0}}, 400, "k must be"),
+        ({"json": {"index": "images-mae", "key": key, "k": "ten"}}, 400, "k must be"),
+        ({"json": {"index": "images-mae", "text": ""}}, 400, "empty"),
+        ({"json": {"index": "images-mae", "text": "x" * 1001}}, 400, "limit is 1000"),
+        ({"json": {"index": "images-mae", "text": "a shoe"}}, 400, "CLIP"),
+        ({"json": {"index": "images-mae", "image": "!!!"}}, 400, "base64"),
+        ({"json": {"index": "images-mae", "image": base64.b64encode(b"plain text").decode()}}, 400, "not a readable image"),
+        ({"json": {"index": "images-mae", "key": key, "text": "a"}}, 400, "exactly one"),
+        ({"json": {"index": "images-mae"}}, 400, "exactly one"),
+        ({"json": {"index": "images-mae", "key": key, "colour": 1}}, 400, "unknown fields"),
+        ({"json": [1, 2]}, 400, "JSON object"),
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "JSON object"),
+        ({"content": b"x" * (15 * 2**20), "headers": {"content-type": "application/json"}}, 413, "limit"),
+    ]
+    with _Server(built["root"]) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get("/health").json()["status"] == "ok"
+        assert [i["name"] for i in client.get("/indexes").json()] == ["images-mae"]
+        expected = client.post("/search", json=good).json()["results"]
+        assert expected[0]["key"] == key
+        for request, status, message in bad:
+            response = client.post("/search", **request)
+            assert response.status_code == status, (request.get("json"), response.text)
+            assert message in response.json()["error"]
+            assert client.post("/search", json=good).json()["results"] == expected  # still serving
+        for path, status in ((f"/items/images-mae/nokey/image", 404), ("/items/nosuch/x/image", 404)):
+            response = client.get(path)
+            assert response.status_code == status and "unknown" in response.json()["error"]
+        image = client.get(f"/items/images-mae/{key}/image")
+        assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+        assert image.content == thumbnail(index, key)[0]
+        assert client.post("/reload").json() == {"indexes": ["images-mae"]}
+        assert client.post("/search", json=good).json()["results"] == expected
+        assert client.get("/docs").status_code == 200 and "search" in client.get("/").text
+    with _Server(built["root"]) as url, httpx.Client(base_url=url, timeout=30) as client:  # restarted service
+        assert client.post("/search", json=good).json()["results"] == expected
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_the_page_shows_result_thumbnails_in_headless_chromium(built, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail("chromium is missing under CI (.ci/run installs it)")
+        pytest.skip("chromium is not installed (apt-get install chromium); CI installs it")
+    index = open_index(built["root"], "images-mae")
+    key = index.meta["items"][10]["key"]
+    with _Server(built["root"]) as url:
+        page = f"{url}/?index=images-mae&key={key}&k=8"
+        args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=8000"]
+        dom = subprocess.run(args + ["--dump-dom", page], capture_output=True, text=True, timeout=60).stdout
+        shot = tmp_path / "page.png"
+        subprocess.run(args + [f"--screenshot={shot}", "--window-size=1100,500", page], capture_output=True, timeout=60)
+    assert dom.count("<figure>") == 8, dom[-2000:]
+    assert f"/items/images-mae/{key}/image" in dom and "1. " in dom
+    assert shot.is_file() and shot.stat().st_size > 5000
+    keep = os.environ.get("PATCHFLOW_KEEP_SCREENSHOT")
+    if keep:
+        shutil.copy(shot, keep)
