@@ -262,3 +262,41 @@ def test_the_page_shows_result_thumbnails_in_headless_chromium(built, tmp_path):
     keep = os.environ.get("PATCHFLOW_KEEP_SCREENSHOT")
     if keep:
         shutil.copy(shot, keep)
+
+
+# --------------------------------------------------------------------------- a CLIP index over image-text pairs
+
+
+def test_pairs_clip_index_answers_text_queries_exactly_as_brute_force(tmp_path):
+    from models.clip import load_clip
+    from tasks import clip_train
+    from tasks.config import CLIPConfig, OptimConfig, SourceConfig
+    from tests._shared_data import require_shared
+
+    source = SourceConfig(kind="caption_table", path=str(require_shared("emoji-captions/twemoji")), caption_column="name",
+                          label_column="group", split_group="emoji", val_fraction=0.15, max_train=600, max_val=100,
+                          caption_templates=["an emoji of {caption}", "{caption}"])
+    pairs = make_shards(tmp_path, source, samples_per_shard=256)
+    clip = clip_train.run(CLIPConfig(image_init="random", baseline=False, context_length=64, text_depth=1,
+                                     eval_batch_size=100, query_examples=1, train=TrainConfig(
+        batch_size=32, steps=6, log_every=3, checkpoint_every=6, num_workers=0, shuffle_buffer=64,
+        optim=OptimConfig(base_lr=2e-3, lr_scaling="none", warmup_steps=2))), [pairs], StageContext(data_root=tmp_path))
+    config = IndexConfig(targets=[IndexTarget(name="pairs-clip", dataset="pairs", encoder="clip")])
+    result = index_stage.run(config, [pairs, clip], StageContext(data_root=tmp_path,
+                                                                extra={"index_datasets": {"pairs": pairs.digest}}))
+    target = result.manifest()["outputs"]["targets"]["pairs-clip"]
+    assert target["factory"] == "Flat" and target["count"] >= 500
+    index = open_index(tmp_path, None)  # the newest finished index
+    assert index.name == "pairs-clip" and index.describe()["text_queries"] is True
+    query = "an emoji of grinning face"
+    hits = search(index, text=query, k=7)
+    model, tokenizer, _ = load_clip(Path(clip.output_dir) / "clip.pt")
+    text = model.encode_text(tokenizer.encode([query])).detach().numpy()[0]
+    out = Path(result.output_dir) / "pairs-clip" / "embeddings"
+    vectors = np.concatenate([np.load(p) for p in sorted(out.glob("*.npy"))])
+    rows = [r for p in sorted(out.glob("*.json")) for r in json.loads(p.read_text())]
+    scores = vectors @ text
+    best = np.argsort(-scores, kind="stable")[:7]
+    assert [h["key"] for h in hits] == [rows[i]["key"] for i in best]
+    np.testing.assert_allclose([h["score"] for h in hits], scores[best], atol=1e-4)
+    assert all(h["caption"] for h in hits) and "\n" not in hits[0]["caption"]
