@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tasks.config import ConfigError, available_presets, load_config, resolve_data_root
 
@@ -51,6 +52,61 @@ def _ui(args: argparse.Namespace) -> int:
     return subprocess.call(command, env=env)
 
 
+def _read_query_image(path: str | None) -> bytes | None:
+    from tasks.search import SearchError
+
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SearchError(f"cannot read image {path}: {exc.strerror}") from None
+
+
+def _save_grid(index, hits: list[dict], out: str) -> None:
+    """The result thumbnails side by side (one row), best first."""
+    import io
+
+    from PIL import Image
+
+    from tasks.search import thumbnail
+
+    tiles = [Image.open(io.BytesIO(thumbnail(index, hit["key"])[0])).convert("RGB").resize((64, 64)) for hit in hits]
+    grid = Image.new("RGB", (64 * max(len(tiles), 1), 64), "white")
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, (64 * i, 0))
+    grid.save(out)
+
+
+def _query(args: argparse.Namespace) -> int:
+    from tasks.search import SearchError, open_index, search
+
+    try:
+        index = open_index(resolve_data_root(args.data_root), args.index)
+        hits = search(index, text=args.text, image=_read_query_image(args.image), key=args.key, k=args.k)
+        if args.grid:
+            _save_grid(index, hits, args.grid)
+    except SearchError as exc:
+        print(f"patchflow query: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"index": index.name, "results": hits}, indent=2))
+        return 0
+    print(f"{'rank':>4}  {'score':>7}  {'key':24s}  {'label':>5}  caption")
+    for hit in hits:
+        print(f"{hit['rank']:>4}  {hit['score']:7.4f}  {hit['key']:24s}  {hit['label']:>5}  {hit['caption']}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from flows.serve import create_app
+
+    uvicorn.run(create_app(resolve_data_root(args.data_root)), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchflow", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(handler=_ui)
+    query = commands.add_parser("query", help="nearest neighbours in a built index, by text, image or key")
+    kind = query.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--text", help="a text query (CLIP indexes only)")
+    kind.add_argument("--image", metavar="FILE", help="an image file to search with")
+    kind.add_argument("--key", help="the key of an indexed sample to search with")
+    query.add_argument("--index", default=None, metavar="NAME", help="index name (default: the newest finished index)")
+    query.add_argument("-k", type=int, default=10, help="how many results (1..1000)")
+    query.add_argument("--json", action="store_true", help="print the results as JSON")
+    query.add_argument("--grid", default=None, metavar="OUT.png", help="also save the result thumbnails as one image")
+    query.add_argument("--data-root", default=None)
+    query.set_defaults(handler=_query)
+    serve = commands.add_parser("serve", help="the search HTTP service and its page")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--data-root", default=None)
+    serve.set_defaults(handler=_serve)
     return parser
 
 

@@ -17,7 +17,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
-from tasks import clip_train, dit_stage, evaluate, latents, mae_pretrain, shard, vae_train
+from tasks import clip_train, dit_stage, evaluate, index, latents, mae_pretrain, shard, vae_train
 from tasks.config import PipelineConfig, load_config
 from tasks.stage import StageContext, StageResult, stage_key
 from tasks.tracking import configure_tracking, flatten
@@ -70,6 +70,7 @@ vae_task = stage_task("vae", vae_train.run)
 latents_task = stage_task("encode_latents", latents.run)
 dit_task = stage_task("dit_train", dit_stage.run)
 clip_task = stage_task("clip_train", clip_train.run)
+index_task = stage_task("index", index.run)
 
 
 def _pairs_found(config: PipelineConfig) -> bool:
@@ -119,6 +120,17 @@ def pipeline(
             results["shard_pairs"] = run_stage(shard_task, config.pairs, [], context)
             mae_input = [results["mae_pretrain"]] if config.clip.image_init == "mae" and "mae_pretrain" in results else []
             results["clip_train"] = run_stage(clip_task, config.clip, [results["shard_pairs"]] + mae_input, context)
+        # Indexes come after the encoders: each target names a dataset and an encoder of this run
+        # (checked when the config loads), and the stage reads only what its targets need.
+        if "index" in config.stages and config.index.targets:
+            datasets = {"images": results["shard"], "pairs": results.get("shard_pairs")}
+            encoders = {"mae": results.get("mae_pretrain"), "clip": results.get("clip_train")}
+            used = [datasets[t.dataset] for t in config.index.targets] + [encoders[t.encoder] for t in config.index.targets]
+            upstream = list({r.digest: r for r in used if r is not None}.values())
+            roles = {name: r.digest for name, r in datasets.items() if r is not None and r in upstream}
+            index_context = StageContext(data_root=root, parent_run_id=parent.info.run_id,
+                                         extra={"index_datasets": roles})
+            results["index"] = run_stage(index_task, config.index, upstream, index_context)
         for name, result in results.items():
             mlflow.set_tag(f"stage.{name}", "reused" if result.reused else "ran")
             mlflow.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})

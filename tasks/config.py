@@ -268,8 +268,39 @@ class CLIPConfig(StrictModel):
         return self
 
 
-STAGES = ("shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train", "clip_train")
-StageName = Literal["shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train", "clip_train"]
+class IndexTarget(StrictModel):
+    """One index to build: which dataset's split, embedded by which trained encoder, under which name."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
+                      description="What `patchflow query --index NAME` opens; files are NAME.faiss and NAME.meta.json.")
+    dataset: Literal["images", "pairs"] = Field(description="images: the shard stage's dataset; pairs: the image-text pairs.")
+    encoder: Literal["mae", "clip"] = Field(description="mae: mean patch token of the MAE encoder; clip: CLIP image tower.")
+    split: str = "train"
+
+
+class IndexConfig(StrictModel):
+    """FAISS nearest-neighbour indexes over embedded splits (cosine similarity on L2-normalised vectors)."""
+
+    targets: list[IndexTarget] = []
+    target_recall: float = Field(default=0.95, gt=0.0, le=1.0,
+                                 description="nprobe/efSearch is raised until recall@10 vs exact search reaches this.")
+    factory: str | None = Field(default=None, description="A faiss index_factory string for every target; None chooses "
+                                                          "by size: Flat < 1k, HNSW32 < 10k, IVF{4*sqrt(N)},Flat, IVF-PQ over budget.")
+    memory_budget_mb: float = Field(default=1024.0, gt=0, description="Index size above which vectors are PQ-compressed.")
+    batch_size: int = Field(default=256, gt=0, description="Images per encoder forward while embedding.")
+    recall_queries: int = Field(default=500, gt=0, description="Vectors sampled as queries to measure recall@10 against exact search.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "IndexConfig":
+        names = [t.name for t in self.targets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"index target names must be unique; repeated: {dupes}")
+        return self
+
+
+STAGES = ("shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train", "clip_train", "index")
+StageName = Literal["shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train", "clip_train", "index"]
 
 
 class PipelineConfig(StrictModel):
@@ -288,6 +319,23 @@ class PipelineConfig(StrictModel):
         default=None, description="The image-text pairs dataset (sharded by the shard stage, cached on its own key); "
                                   "without it clip_train does not run.")
     clip: CLIPConfig = CLIPConfig()
+    index: IndexConfig = IndexConfig()
+
+    @model_validator(mode="after")
+    def _index_targets_are_built_by_this_run(self) -> "PipelineConfig":
+        if "index" not in self.stages:
+            return self
+        has_clip = "clip_train" in self.stages and self.pairs is not None
+        datasets = {"images": True, "pairs": has_clip}  # the pipeline always shards images
+        encoders = {"mae": "mae_pretrain" in self.stages, "clip": has_clip}
+        for target in self.index.targets:
+            if not datasets[target.dataset]:
+                raise ValueError(f"index target {target.name!r}: dataset {target.dataset!r} is not produced by this run "
+                                 f"(pairs needs a pairs: section and clip_train in stages)")
+            if not encoders[target.encoder]:
+                raise ValueError(f"index target {target.name!r}: encoder {target.encoder!r} is not trained by this run "
+                                 f"(stages: {self.stages})")
+        return self
 
 
 def available_presets() -> list[str]:

@@ -20,6 +20,7 @@ MANIFEST_NAME = "manifest.json"
 # Bump a stage's version when its code changes what it writes: old outputs are then not reused.
 CODE_VERSIONS: dict[str, str] = {
     "shard": "2", "mae_pretrain": "1", "evaluate": "1", "vae": "1", "encode_latents": "1", "dit_train": "1",
+    "index": "1",
 }
 
 

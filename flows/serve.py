@@ -1,0 +1,128 @@
+"""The search HTTP service: a thin FastAPI layer over ``tasks.search`` (no search logic here).
+
+``create_app(data_root)`` opens every finished index under the data root once; ``POST /reload``
+opens the new set fully before swapping it in, so requests in flight keep the old one. Every bad
+input is a 4xx JSON ``{"error": ...}`` naming the problem; a body over the limit is 413.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from tasks.search import MAX_IMAGE_BYTES, NAME_PATTERN, OpenIndex, SearchError, list_indexes, open_index, search, thumbnail
+
+MAX_BODY_BYTES = MAX_IMAGE_BYTES * 4 // 3 + 64 * 1024  # a base64 image at the limit, plus the JSON around it
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+class Indexes:
+    """The open indexes by name, swapped as a whole on reload."""
+
+    def __init__(self, data_root: Path) -> None:
+        self.data_root = data_root
+        self.lock = threading.Lock()
+        self.by_name: dict[str, OpenIndex] = {}
+        self.reload()
+
+    def reload(self) -> dict[str, OpenIndex]:
+        fresh = {name: open_index(self.data_root, name) for name in list_indexes(self.data_root)}
+        with self.lock:
+            self.by_name = fresh
+        return fresh
+
+    def get(self, name: Any) -> OpenIndex:
+        current = self.by_name
+        if name is None:
+            if not current:
+                raise SearchError(f"no finished index under {self.data_root}")
+            return next(iter(current.values()))
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise SearchError(f"invalid index name {name!r}")
+        if name not in current:
+            raise SearchError(f"unknown index {name!r} (available: {sorted(current) or 'none'})")
+        return current[name]
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _status(exc: SearchError) -> int:
+    text = str(exc)
+    return 404 if text.startswith(("unknown index", "unknown key", "no finished index")) else 400
+
+
+def create_app(data_root: str | Path) -> FastAPI:
+    indexes = Indexes(Path(data_root).expanduser().resolve())
+    app = FastAPI(title="patchflow search", description="Nearest-neighbour search over patchflow's FAISS indexes.")
+    app.state.indexes = indexes
+
+    @app.exception_handler(SearchError)
+    async def _search_error(_: Request, exc: SearchError) -> JSONResponse:
+        return _error(_status(exc), str(exc))
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "indexes": len(indexes.by_name)}
+
+    @app.get("/indexes")
+    def list_open() -> list[dict[str, Any]]:
+        return [index.describe() for index in indexes.by_name.values()]
+
+    @app.post("/search")
+    async def do_search(request: Request) -> Response:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+            return _error(413, f"request body over the {MAX_BODY_BYTES}-byte limit")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                return _error(413, f"request body over the {MAX_BODY_BYTES}-byte limit")
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "the body must be a JSON object {index, k, text|image|key}")
+        if not isinstance(payload, dict):
+            return _error(400, "the body must be a JSON object {index, k, text|image|key}")
+        unknown = sorted(set(payload) - {"index", "k", "text", "image", "key"})
+        if unknown:
+            return _error(400, f"unknown fields {unknown}; expected index, k and one of text, image, key")
+        image = payload.get("image")
+        if image is not None:
+            if not isinstance(image, str):
+                return _error(400, "image must be a base64 string")
+            try:
+                image = base64.b64decode(image, validate=True)
+            except (binascii.Error, ValueError):
+                return _error(400, "image is not valid base64")
+        for field in ("text", "key"):
+            if payload.get(field) is not None and not isinstance(payload[field], str):
+                return _error(400, f"{field} must be a string")
+        index = indexes.get(payload.get("index"))
+        hits = search(index, text=payload.get("text"), image=image, key=payload.get("key"), k=payload.get("k", 10))
+        return JSONResponse({"index": index.name, "results": hits})
+
+    @app.get("/items/{name}/{key}/image")
+    def item_image(name: str, key: str) -> Response:
+        data, media_type = thumbnail(indexes.get(name), key)
+        return Response(data, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
+
+    @app.post("/reload")
+    def reload() -> dict[str, Any]:
+        fresh = indexes.reload()
+        return {"indexes": sorted(fresh)}
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    return app

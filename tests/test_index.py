@@ -1,0 +1,302 @@
+"""The index stage, the search module, the CLI and the HTTP service on real shards and a real (tiny) MAE."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from tasks import index as index_stage
+from tasks import mae_pretrain
+from tasks.config import ConfigError, IndexConfig, IndexTarget, MAEConfig, TrainConfig, load_config
+from tasks.stage import StageContext
+from tests.helpers import fashion_source, make_shards
+
+IMAGES_MAE = IndexTarget(name="images-mae", dataset="images", encoder="mae")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Real Fashion-MNIST shards (2,000 train images in 4 shards), an MAE trained a few steps, and an IVF index."""
+    root = tmp_path_factory.mktemp("root")
+    shards = make_shards(root, fashion_source(max_train=2000, max_val=40, max_test=40), samples_per_shard=500)
+    train = TrainConfig.model_validate({"batch_size": 16, "steps": 4, "checkpoint_every": 4, "log_every": 1,
+                                        "eval_every": 100, "num_workers": 0, "shuffle_buffer": 32})
+    mae = mae_pretrain.run(MAEConfig(encoder_size="nano", decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
+                                     train=train), [shards], StageContext(data_root=root))
+    config = IndexConfig(targets=[IMAGES_MAE], factory="IVF32,Flat", target_recall=0.95, recall_queries=200)
+    result = index_stage.run(config, [shards, mae], StageContext(data_root=root))
+    return {"root": root, "shards": shards, "mae": mae, "config": config, "result": result}
+
+
+def test_tuned_ivf_reaches_the_target_recall_against_exact_search(built):
+    manifest = built["result"].manifest()
+    target = manifest["outputs"]["targets"]["images-mae"]
+    assert target["factory"] == "IVF32,Flat" and target["count"] == 2000
+    out = Path(built["result"].output_dir)
+    index = faiss.read_index(str(out / "images-mae.faiss"))
+    assert index.ntotal == 2000
+    # recompute recall independently of the stage: exact search over the stored embeddings
+    vectors = np.concatenate([np.load(p) for p in sorted((out / "images-mae" / "embeddings").glob("*.npy"))])
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    queries = vectors[np.random.default_rng(7).choice(len(vectors), 300, replace=False)]
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(vectors)
+    _, truth = exact.search(queries, 10)
+    nprobe = target["search_param"]["value"]
+    faiss.extract_index_ivf(index).nprobe = nprobe
+    _, found = index.search(queries, 10)
+    recall = index_stage.recall_at_k(found, truth)
+    assert recall >= 0.95 - 0.02  # other queries than the tuning sample: allow sampling noise
+    assert built["result"].metrics["images-mae/recall_at_10"] >= 0.95
+    # tuning was real: the first nprobe tried fell short, and nprobe was raised
+    assert target["tuning"][0]["recall"] < 0.95 and nprobe > 1
+    assert built["result"].metrics["images-mae/qps"] > 0 and built["result"].metrics["images-mae/bytes"] > 2000 * 4
+
+
+def test_meta_maps_ids_to_keys_and_thumbnail_byte_ranges(built):
+    out = Path(built["result"].output_dir)
+    meta = json.loads((out / "images-mae.meta.json").read_text())
+    assert len(meta["items"]) == 2000 and len({i["key"] for i in meta["items"]}) == 2000
+    item = meta["items"][1234]
+    shard = Path(built["root"]) / meta["shard_dir"] / item["shard"]
+    with open(shard, "rb") as handle:
+        handle.seek(item["offset"])
+        data = handle.read(item["size"])
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and item["ext"] == "png"
+
+
+def test_a_killed_embed_re_embeds_only_the_missing_shard(built):
+    out = Path(built["result"].output_dir)
+    embeddings = out / "images-mae" / "embeddings"
+    names = sorted(p.name for p in embeddings.glob("*.npy"))
+    assert len(names) == 4
+    before = {n: np.load(embeddings / n) for n in names}
+    (embeddings / names[2]).unlink()
+    (out / "manifest.json").unlink()  # the stage did not finish
+    again = index_stage.run(built["config"], [built["shards"], built["mae"]], StageContext(data_root=built["root"]))
+    assert again.manifest()["outputs"]["targets"]["images-mae"]["shards_embedded_now"] == [Path(names[2]).with_suffix(".tar").name]
+    after = np.load(embeddings / names[2])
+    np.testing.assert_allclose(after, before[names[2]], atol=1e-5)
+
+
+def test_auto_factory_follows_size_and_budget():
+    assert index_stage.choose_factory(500, 64, 1024) == "Flat"
+    assert index_stage.choose_factory(5_000, 64, 1024) == "HNSW32"
+    assert index_stage.choose_factory(1_000_000, 128, 1024) == "IVF4000,Flat"
+    assert index_stage.choose_factory(1_000_000, 128, 100).startswith("OPQ")
+
+
+def test_a_target_whose_encoder_is_not_in_the_run_fails_at_config_load_naming_it():
+    with pytest.raises(ConfigError, match="index target 'pairs-clip'.*clip"):
+        load_config("smoke", ["stages=[shard,mae_pretrain,index]",
+                              "index.targets=[{name: pairs-clip, dataset: pairs, encoder: clip}]"])
+
+
+# --------------------------------------------------------------------------- search module, CLI, service
+
+import base64  # noqa: E402
+import io  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import httpx  # noqa: E402
+import uvicorn  # noqa: E402
+
+from flows.cli import main as cli_main  # noqa: E402
+from flows.serve import create_app  # noqa: E402
+from tasks.search import SearchError, open_index, search, thumbnail  # noqa: E402
+
+
+def test_key_query_finds_itself_first_and_image_query_agrees(built):
+    index = open_index(built["root"], "images-mae")
+    key = index.meta["items"][321]["key"]
+    hits = search(index, key=key, k=5)
+    assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+    assert hits[0]["key"] == key and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert all(a["score"] >= b["score"] for a, b in zip(hits, hits[1:]))
+    data, media = thumbnail(index, key)
+    assert media == "image/png"
+    by_image = search(index, image=data, k=5)
+    assert by_image[0]["key"] == key  # the stored PNG re-embedded lands on its own vector
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"key": "nope"}, "unknown key 'nope'"),
+    ({"key": None, "k": 3}, "exactly one of text, image or key"),
+    ({"text": "a shoe", "key": "x"}, "exactly one"),
+    ({"text": "a shoe"}, "text queries need a CLIP index"),
+    ({"image": b"not an image"}, "not a readable image"),
+    ({"image": b""}, "image upload is empty"),
+    ({"key": "x", "k": 0}, "k must be an integer in 1..1000"),
+    ({"key": "x", "k": 1001}, "k must be an integer in 1..1000"),
+])
+def test_bad_queries_raise_one_error_naming_the_problem(built, kwargs, message):
+    index = open_index(built["root"], "images-mae")
+    with pytest.raises(SearchError, match=message):
+        search(index, **kwargs)
+
+
+def test_index_names_are_validated(built):
+    with pytest.raises(SearchError, match="invalid index name"):
+        open_index(built["root"], "../../etc")
+    with pytest.raises(SearchError, match="unknown index 'missing'"):
+        open_index(built["root"], "missing")
+
+
+def test_cli_query_json_and_exit_code_2_on_unknown_index(built, capsys, tmp_path):
+    index = open_index(built["root"], "images-mae")
+    key = index.meta["items"][5]["key"]
+    grid = tmp_path / "grid.png"
+    assert cli_main(["query", "--key", key, "-k", "4", "--json", "--grid", str(grid), "--data-root", str(built["root"])]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["index"] == "images-mae" and len(answer["results"]) == 4 and answer["results"][0]["key"] == key
+    from PIL import Image
+    assert Image.open(grid).size == (4 * 64, 64)
+    assert cli_main(["query", "--key", key, "--index", "nosuch", "--data-root", str(built["root"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown index 'nosuch'" in err[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _Server:
+    def __init__(self, root: Path):
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(create_app(root), host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def test_service_answers_every_bad_input_with_a_4xx_and_keeps_serving(built):
+    index = open_index(built["root"], "images-mae")
+    key = index.meta["items"][77]["key"]
+    good = {"index": "images-mae", "k": 5, "key": key}
+    bad = [
+        ({"json": {"index": "nosuch", "key": key}}, 404, "unknown index"),
+        ({"json": {"index": "../x", "key": key}}, 400, "invalid index name"),
+        ({"json": {"index": "images-mae", "key": "nokey"}}, 404, "unknown key"),
+        ({"json": {"index": "images-mae", "key": key, "k": 0}}, 400, "k must be"),
+        ({"json": {"index": "images-mae", "key": key, "k": "ten"}}, 400, "k must be"),
+        ({"json": {"index": "images-mae", "text": ""}}, 400, "empty"),
+        ({"json": {"index": "images-mae", "text": "x" * 1001}}, 400, "limit is 1000"),
+        ({"json": {"index": "images-mae", "text": "a shoe"}}, 400, "CLIP"),
+        ({"json": {"index": "images-mae", "image": "!!!"}}, 400, "base64"),
+        ({"json": {"index": "images-mae", "image": base64.b64encode(b"plain text").decode()}}, 400, "not a readable image"),
+        ({"json": {"index": "images-mae", "key": key, "text": "a"}}, 400, "exactly one"),
+        ({"json": {"index": "images-mae"}}, 400, "exactly one"),
+        ({"json": {"index": "images-mae", "key": key, "colour": 1}}, 400, "unknown fields"),
+        ({"json": [1, 2]}, 400, "JSON object"),
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "JSON object"),
+        ({"content": b"x" * (15 * 2**20), "headers": {"content-type": "application/json"}}, 413, "limit"),
+    ]
+    with _Server(built["root"]) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get("/health").json()["status"] == "ok"
+        assert [i["name"] for i in client.get("/indexes").json()] == ["images-mae"]
+        expected = client.post("/search", json=good).json()["results"]
+        assert expected[0]["key"] == key
+        for request, status, message in bad:
+            response = client.post("/search", **request)
+            assert response.status_code == status, (request.get("json"), response.text)
+            assert message in response.json()["error"]
+            assert client.post("/search", json=good).json()["results"] == expected  # still serving
+        for path, status in ((f"/items/images-mae/nokey/image", 404), ("/items/nosuch/x/image", 404)):
+            response = client.get(path)
+            assert response.status_code == status and "unknown" in response.json()["error"]
+        image = client.get(f"/items/images-mae/{key}/image")
+        assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+        assert image.content == thumbnail(index, key)[0]
+        assert client.post("/reload").json() == {"indexes": ["images-mae"]}
+        assert client.post("/search", json=good).json()["results"] == expected
+        assert client.get("/docs").status_code == 200 and "search" in client.get("/").text
+    with _Server(built["root"]) as url, httpx.Client(base_url=url, timeout=30) as client:  # restarted service
+        assert client.post("/search", json=good).json()["results"] == expected
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_the_page_shows_result_thumbnails_in_headless_chromium(built, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail("chromium is missing under CI (.ci/run installs it)")
+        pytest.skip("chromium is not installed (apt-get install chromium); CI installs it")
+    index = open_index(built["root"], "images-mae")
+    key = index.meta["items"][10]["key"]
+    with _Server(built["root"]) as url:
+        page = f"{url}/?index=images-mae&key={key}&k=8"
+        args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=8000"]
+        dom = subprocess.run(args + ["--dump-dom", page], capture_output=True, text=True, timeout=60).stdout
+        shot = tmp_path / "page.png"
+        subprocess.run(args + [f"--screenshot={shot}", "--window-size=1100,500", page], capture_output=True, timeout=60)
+    assert dom.count("<figure>") == 8, dom[-2000:]
+    assert f"/items/images-mae/{key}/image" in dom and "1. " in dom
+    assert shot.is_file() and shot.stat().st_size > 5000
+    keep = os.environ.get("PATCHFLOW_KEEP_SCREENSHOT")
+    if keep:
+        shutil.copy(shot, keep)
+
+
+# --------------------------------------------------------------------------- a CLIP index over image-text pairs
+
+
+def test_pairs_clip_index_answers_text_queries_exactly_as_brute_force(tmp_path):
+    from models.clip import load_clip
+    from tasks import clip_train
+    from tasks.config import CLIPConfig, OptimConfig, SourceConfig
+    from tests._shared_data import require_shared
+
+    source = SourceConfig(kind="caption_table", path=str(require_shared("emoji-captions/twemoji")), caption_column="name",
+                          label_column="group", split_group="emoji", val_fraction=0.15, max_train=600, max_val=100,
+                          caption_templates=["an emoji of {caption}", "{caption}"])
+    pairs = make_shards(tmp_path, source, samples_per_shard=256)
+    clip = clip_train.run(CLIPConfig(image_init="random", baseline=False, context_length=64, text_depth=1,
+                                     eval_batch_size=100, query_examples=1, train=TrainConfig(
+        batch_size=32, steps=6, log_every=3, checkpoint_every=6, num_workers=0, shuffle_buffer=64,
+        optim=OptimConfig(base_lr=2e-3, lr_scaling="none", warmup_steps=2))), [pairs], StageContext(data_root=tmp_path))
+    config = IndexConfig(targets=[IndexTarget(name="pairs-clip", dataset="pairs", encoder="clip")])
+    result = index_stage.run(config, [pairs, clip], StageContext(data_root=tmp_path,
+                                                                extra={"index_datasets": {"pairs": pairs.digest}}))
+    target = result.manifest()["outputs"]["targets"]["pairs-clip"]
+    assert target["factory"] == "Flat" and target["count"] >= 500
+    index = open_index(tmp_path, None)  # the newest finished index
+    assert index.name == "pairs-clip" and index.describe()["text_queries"] is True
+    query = "an emoji of grinning face"
+    hits = search(index, text=query, k=7)
+    model, tokenizer, _ = load_clip(Path(clip.output_dir) / "clip.pt")
+    text = model.encode_text(tokenizer.encode([query])).detach().numpy()[0]
+    out = Path(result.output_dir) / "pairs-clip" / "embeddings"
+    vectors = np.concatenate([np.load(p) for p in sorted(out.glob("*.npy"))])
+    rows = [r for p in sorted(out.glob("*.json")) for r in json.loads(p.read_text())]
+    scores = vectors @ text
+    best = np.argsort(-scores, kind="stable")[:7]
+    assert [h["key"] for h in hits] == [rows[i]["key"] for i in best]
+    np.testing.assert_allclose([h["score"] for h in hits], scores[best], atol=1e-4)
+    assert all(h["caption"] for h in hits) and "\n" not in hits[0]["caption"]
