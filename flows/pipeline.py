@@ -125,12 +125,18 @@ def pipeline(
         if "index" in config.stages and config.index.targets:
             datasets = {"images": results["shard"], "pairs": results.get("shard_pairs")}
             encoders = {"mae": results.get("mae_pretrain"), "clip": results.get("clip_train")}
-            used = [datasets[t.dataset] for t in config.index.targets] + [encoders[t.encoder] for t in config.index.targets]
+            # Only a skipped optional branch (no pairs source) leaves a target's inputs absent here.
+            targets = [t for t in config.index.targets if datasets[t.dataset] and encoders[t.encoder]]
+            for dropped in (t for t in config.index.targets if t not in targets):
+                get_run_logger().warning("index target %s skipped: its %s encoder did not run", dropped.name, dropped.encoder)
+            index_config = config.index.model_copy(update={"targets": targets})
+            used = [datasets[t.dataset] for t in targets] + [encoders[t.encoder] for t in targets]
             upstream = list({r.digest: r for r in used if r is not None}.values())
             roles = {name: r.digest for name, r in datasets.items() if r is not None and r in upstream}
             index_context = StageContext(data_root=root, parent_run_id=parent.info.run_id,
                                          extra={"index_datasets": roles})
-            results["index"] = run_stage(index_task, config.index, upstream, index_context)
+            if targets:
+                results["index"] = run_stage(index_task, index_config, upstream, index_context)
         for name, result in results.items():
             mlflow.set_tag(f"stage.{name}", "reused" if result.reused else "ran")
             mlflow.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})

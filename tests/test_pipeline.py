@@ -37,7 +37,7 @@ def test_second_pipeline_run_is_cached_and_mlflow_has_nested_runs(prefect_harnes
     first = pipeline(preset="smoke", overrides=overrides, data_root=str(tmp_path), return_state=True)
     second = pipeline(preset="smoke", overrides=overrides, data_root=str(tmp_path), return_state=True)
     assert first.is_completed() and second.is_completed()
-    stages = {"shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train", "clip_train"}
+    stages = {"shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train", "clip_train", "index"}
     once = lambda state: {name: "+".join([state] * (2 if name == "shard" else 1)) for name in stages}  # images + pairs
     assert _task_states(first.state_details.flow_run_id) == once("Completed")
     assert _task_states(second.state_details.flow_run_id) == once("Cached")
@@ -71,10 +71,11 @@ def test_second_pipeline_run_is_cached_and_mlflow_has_nested_runs(prefect_harnes
 def test_missing_pairs_source_skips_clip_and_says_so(prefect_harness, tmp_path):
     from flows.pipeline import pipeline
 
-    overrides = [f"shard.source.path={require_shared('fashion-mnist')}", "stages=[shard,clip_train]",
+    overrides = [f"shard.source.path={require_shared('fashion-mnist')}", "stages=[shard,mae_pretrain,clip_train,index]",
                  f"pairs.source.path={tmp_path / 'no-such-table'}"]
     results = pipeline(preset="smoke", overrides=overrides, data_root=str(tmp_path))
-    assert set(results) == {"shard"}
+    assert set(results) == {"shard", "mae_pretrain", "index"}  # the pairs-clip index target is dropped too
+    assert [t["name"] for t in results["index"].manifest()["config"]["targets"]] == ["images-mae"]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("patchflow").experiment_id])
                  if "mlflow.parentRunId" not in r.data.tags]
