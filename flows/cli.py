@@ -32,7 +32,21 @@ def _run(args: argparse.Namespace) -> int:
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items()))
         print(f"{name:14s} {result.output_dir}\n{'':14s} {metrics}")
     print(f"\nMLflow UI:  patchflow ui --data-root {config.data_root}")
+    _print_query_commands(results, config.data_root)
     return 0
+
+
+def _print_query_commands(results: dict, data_root: str) -> None:
+    """The exact query and serve commands that work on the indexes this run built."""
+    if "index" not in results:
+        return
+    root = f"--data-root {data_root}"
+    for target in results["index"].manifest()["config"]["targets"]:
+        if target["encoder"] == "clip":
+            print(f"Text query: patchflow query --index {target['name']} --text 'a red heart' -k 5 {root}")
+    first = results["index"].manifest()["config"]["targets"][0]["name"]
+    print(f"Image query: patchflow query --index {first} --image PATH.png -k 5 {root}")
+    print(f"Search page and HTTP API: patchflow serve {root}   (then open http://127.0.0.1:8000)")
 
 
 def _show_config(args: argparse.Namespace) -> int:
