@@ -284,7 +284,7 @@ def run(config: CLIPConfig, inputs: list[StageResult], context: StageContext) ->
         metrics["truncated_captions_eval"] = float(tokenizer.truncated)
         mlflow.log_metrics(metrics)
         grid, listing = retrieval_picture(evaluated["trained"][1], geometry["mean"], geometry["std"], config.query_examples)
-        log_image(grid, "retrieval/text_to_image_top5.png")
+        log_image(grid, "retrieval/text_to_image_top5.png", upscale=max(1, 112 // config.image_size))
         mlflow.log_dict({"columns": "true image | gap | top-5 retrieved (framed = the true one)", "rows": listing},
                         "retrieval/text_to_image_top5.json")
 

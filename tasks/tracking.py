@@ -72,9 +72,12 @@ def stage_run(
         yield run
 
 
-def log_image(image_chw: Any, artifact_file: str) -> None:
-    """Log a (C, H, W) tensor in [0, 1] as a PNG artifact of the active run."""
+def log_image(image_chw: Any, artifact_file: str, upscale: int = 1) -> None:
+    """Log a (C, H, W) tensor in [0, 1] as a PNG artifact of the active run, optionally enlarged
+    ``upscale`` times by nearest neighbour (28 px tiles are unreadable in the MLflow UI otherwise)."""
     import numpy as np
 
+    if upscale > 1:
+        image_chw = image_chw.repeat_interleave(upscale, dim=-2).repeat_interleave(upscale, dim=-1)
     array = (image_chw.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
     mlflow.log_image(array[..., 0] if array.shape[-1] == 1 else np.ascontiguousarray(array), artifact_file=artifact_file)

@@ -264,3 +264,14 @@ def test_presets_with_pairs_validate_and_without_pairs_run_no_clip():
     assert demo.pairs is not None and demo.clip.image_init == "mae" and "clip_train" in demo.stages
     assert (demo.clip.image_size, demo.clip.patch_size, demo.clip.channels) == (demo.mae.image_size, demo.mae.patch_size, 1)
     assert load_config("base").pairs is None
+
+
+def test_logged_pictures_can_be_enlarged_by_nearest_neighbour(monkeypatch):
+    from tasks import tracking
+
+    logged = {}
+    monkeypatch.setattr(tracking.mlflow, "log_image", lambda array, artifact_file: logged.update(array=array))
+    image = torch.rand(3, 28, 56)
+    tracking.log_image(image, "x.png", upscale=4)
+    assert logged["array"].shape == (112, 224, 3)
+    assert (logged["array"][:4, :4] == logged["array"][0, 0]).all()  # each pixel becomes a 4×4 block
