@@ -121,7 +121,7 @@ def test_model_embeddings_are_normalised_and_text_pools_at_eot():
     assert img_f.shape == txt_f.shape == (3, 16)
     torch.testing.assert_close(img_f.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(txt_f.norm(dim=-1), torch.ones(3))
-    assert float(scale) == pytest.approx(1 / 0.07, rel=1e-5)
+    assert float(scale.detach()) == pytest.approx(1 / 0.07, rel=1e-5)
     # causal + EOT pooling: what follows EOT (padding) cannot change the embedding
     ids = tok.encode(["hello"])
     changed = ids.clone()
