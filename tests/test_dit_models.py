@@ -191,6 +191,28 @@ def test_full_ddpm_chain_matches_posterior_variance():
     seq = diffusion.timestep_sequence(50)
     assert seq == list(range(49, -1, -1))
     assert diffusion.timestep_sequence(5)[0] == 49 and diffusion.timestep_sequence(5)[-1] == 0
+    # With a zero epsilon model, the sampler must take every step of the hand-written posterior chain:
+    # mean from q(x_{t-1} | x_t, x_0), variance beta_t (fixed_large) or beta~_t (fixed_small), same noise.
+    shape, y = (2, 3, 4, 4), torch.zeros(2, dtype=torch.long)
+    betas, ab = diffusion.betas.tolist(), diffusion.alphas_cumprod.tolist()
+
+    def by_hand(variance: str) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=generator)
+        for t in range(49, -1, -1):
+            ab_prev = ab[t - 1] if t > 0 else 1.0
+            x0 = x / math.sqrt(ab[t])
+            x = betas[t] * math.sqrt(ab_prev) / (1 - ab[t]) * x0 + (1 - ab_prev) * math.sqrt(1 - betas[t]) / (1 - ab[t]) * x
+            if t > 0:
+                var = betas[t] if variance == "fixed_large" else betas[t] * (1 - ab_prev) / (1 - ab[t])
+                x = x + math.sqrt(var) * torch.randn(shape, generator=generator)
+        return x
+
+    for variance in ("fixed_small", "fixed_large"):
+        sampled = diffusion.ddpm_sample(lambda x, t, labels: torch.zeros_like(x), shape, y, variance=variance,
+                                        generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(sampled, by_hand(variance), rtol=1e-4, atol=1e-5), variance
+    assert not torch.allclose(by_hand("fixed_small"), by_hand("fixed_large"), rtol=1e-2)
 
 
 def test_overfit_tiny_dit_lowers_diffusion_loss():
