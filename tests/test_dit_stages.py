@@ -47,10 +47,10 @@ def test_wrong_shaped_vae_weights_are_named(tmp_path):
     for name in vae_train.PRETRAINED_FILES:
         state = torch.load(weights / name, weights_only=True)
         if "encoder" in name:
-            state["14.weight"] = torch.zeros(16, 64, 3, 3)
+            state["13.conv.0.weight"] = torch.zeros(64, 64, 1, 1)  # not a key the sizes are inferred from
         torch.save(state, tmp_path / name)
     shards = make_shards(tmp_path / "root", fashion_source(max_train=8, max_val=8, max_test=8))
-    with pytest.raises(ValueError, match="14"):
+    with pytest.raises(ValueError, match=r"encoder key '13\.conv\.0\.weight': expected shape \(64, 64, 3, 3\), got \(64, 64, 1, 1\)"):
         vae_train.run(VAEConfig(pretrained_dir=str(tmp_path)), [shards], StageContext(data_root=tmp_path / "root"))
     with pytest.raises(ValueError, match="taef2_encoder.pth does not exist"):
         vae_train.run(VAEConfig(pretrained_dir=str(tmp_path / "nowhere")), [shards], StageContext(data_root=tmp_path / "root"))
@@ -97,7 +97,6 @@ def test_latent_ranks_get_equal_disjoint_shares_and_end_epochs_together():
 
 def test_dit_training_lowers_the_loss_scores_samples_and_keeps_the_vae_frozen(branch):
     _, context, shards, vae, lat = branch
-    vae_bytes = (Path(vae.output_dir) / "vae.pt").read_bytes()
     config = DiTConfig(model="DiT-N/1", samples_per_class=3, sample_steps=8, classifier_steps=60, cfg_scale=2.0,
                        train=TrainConfig(batch_size=32, steps=80, checkpoint_every=80, log_every=10, eval_every=80,
                                          ema_decay=0.9, optim={"base_lr": 1e-3, "weight_decay": 0.0}))
@@ -106,11 +105,26 @@ def test_dit_training_lowers_the_loss_scores_samples_and_keeps_the_vae_frozen(br
     assert metrics["final_loss"] < 0.9 * metrics["first_loss"]
     for name in ("sample_accuracy", "real_accuracy", "frechet_distance", "real_frechet_distance"):
         assert math.isfinite(metrics[name])
-    assert 0 <= metrics["sample_accuracy"] <= 1 and metrics["real_accuracy"] > 0.3  # the classifier learned something
+    assert metrics["real_accuracy"] > 0.3  # the classifier learned something
     assert metrics["real_frechet_distance"] >= 0 and metrics["frechet_distance"] >= 0
     assert result.manifest()["outputs"]["quality_classifier"] == "trained_here"
-    assert (Path(vae.output_dir) / "vae.pt").read_bytes() == vae_bytes
     assert (Path(result.output_dir) / "dit.pt").is_file()
+
+
+def test_a_vae_changed_during_the_stage_is_refused(branch, tmp_path, monkeypatch):
+    _, _, shards, vae, lat = branch
+    real_sample_images = dit_stage.sample_images
+
+    def tampering(model, diffusion, vae_model, *args, **kwargs):
+        with torch.no_grad():
+            next(vae_model.parameters()).view(-1)[0] += 1e-3
+        return real_sample_images(model, diffusion, vae_model, *args, **kwargs)
+
+    monkeypatch.setattr(dit_stage, "sample_images", tampering)
+    config = DiTConfig(model="DiT-N/1", samples_per_class=1, sample_steps=2, classifier_steps=2,
+                       train=TrainConfig(batch_size=16, steps=2, checkpoint_every=2, log_every=1, eval_every=2))
+    with pytest.raises(RuntimeError, match="the frozen VAE from .* changed during DiT training"):
+        dit_stage.run(config, [shards, vae, lat], StageContext(data_root=tmp_path))
 
 
 def test_dit_trains_under_torchrun_with_two_cpu_processes(branch, tmp_path):
