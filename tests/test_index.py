@@ -236,6 +236,26 @@ def test_service_answers_every_bad_input_with_a_4xx_and_keeps_serving(built):
         assert client.post("/search", json=good).json()["results"] == expected
 
 
+def test_an_uploaded_image_form_answers_like_the_json_query_and_links_each_thumbnail(built):
+    index = open_index(built["root"], "images-mae")
+    key = index.meta["items"][5]["key"]
+    png = thumbnail(index, key)[0]
+    with _Server(built["root"]) as url, httpx.Client(base_url=url, timeout=30) as client:
+        as_json = client.post("/search", json={"index": "images-mae", "k": 4, "image": base64.b64encode(png).decode()})
+        as_form = client.post("/search", data={"index": "images-mae", "k": "4", "text": ""},
+                              files={"image": ("query.png", png, "image/png")})
+        assert as_form.status_code == 200, as_form.text
+        assert as_form.json() == as_json.json() and as_form.json()["results"][0]["key"] == key
+        for hit in as_form.json()["results"]:
+            assert client.get(hit["image_url"]).content == thumbnail(index, hit["key"])[0]
+        for form, message in (({"index": "images-mae", "image": "not a file"}, "file upload"),
+                              ({"index": "images-mae", "key": key, "colour": "red"}, "unknown fields"),
+                              ({"index": "images-mae", "key": key, "k": "many"}, "k must be")):
+            # plain (filename-less) parts force multipart/form-data, as a browser's form would send them
+            response = client.post("/search", files=[(name, (None, value)) for name, value in form.items()])
+            assert response.status_code == 400 and message in response.json()["error"], response.text
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
