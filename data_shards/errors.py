@@ -79,7 +79,9 @@ def _is_lost_connection(exc: BaseException) -> bool:
                                               httpx.ConnectTimeout, httpx.WriteTimeout, httpx.PoolTimeout)):
         return True
     requests_exc = sys.modules.get("requests.exceptions")
-    return requests_exc is not None and isinstance(exc, (requests_exc.ConnectionError, requests_exc.Timeout))
+    # RetryError: the server kept answering 5xx/429 until the client's own retries ran out (MLflow's client).
+    return requests_exc is not None and isinstance(exc, (requests_exc.ConnectionError, requests_exc.Timeout,
+                                                         requests_exc.RetryError))
 
 
 def _is_mlflow_server_error(exc: BaseException) -> bool:
