@@ -330,8 +330,9 @@ def training_batches(spec: LoaderSpec, start_epoch: int = 0, skip_batches: int =
                 continue
             yield epoch, index, batch
         if produced == 0:
-            raise ShardError(f"epoch {epoch} produced no batch of {spec.batch_size} from {len(spec.shard_paths)} shard(s) on rank {spec.rank}",
-                             hint="lower the stage's train.batch_size, or raise the dataset's shard.source.max_* sample limits")
+            raise ShardError(f"epoch {epoch} produced no batch of {spec.batch_size} from {len(spec.shard_paths)} shard(s) "
+                             f"on rank {spec.rank}",
+                             hint="lower the stage's train.batch_size, or raise the dataset's shard.source.max_* limits")
         epoch += 1
 
 

@@ -39,8 +39,8 @@ def load_torch_file(path: Path, weights_only: bool = True) -> Any:
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError… for a damaged file
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         # A finished stage is reused while its manifest exists: deleting its folder is what rebuilds the file.
-        raise DamagedFileError(f"{path}: damaged or not a torch file ({reason})",
-                               hint=f"delete the folder {Path(path).parent} and run `patchflow run` again to rebuild it") from None
+        hint = f"delete the folder {Path(path).parent} and run `patchflow run` again to rebuild it"
+        raise DamagedFileError(f"{path}: damaged or not a torch file ({reason})", hint=hint) from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -117,5 +117,5 @@ def _check_signature(path: Path, saved: dict[str, Any], signature: dict[str, Any
     if saved != signature:
         differing = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
         details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {signature.get(k)!r}" for k in differing)
-        raise CheckpointMismatch(f"{path} was written for another model ({details})",
-                                 hint=f"delete the folder {Path(path).parent} to train from step 0, or restore the config it was written with")
+        hint = f"delete the folder {Path(path).parent} to train from step 0, or restore the config it was written with"
+        raise CheckpointMismatch(f"{path} was written for another model ({details})", hint=hint)

@@ -24,7 +24,8 @@ DEFAULT_DATA_ROOT = ".patchflow"
 class ConfigError(BadInputError, ValueError):
     """A preset, override or config file that does not validate; the message names the field."""
 
-    default_hint = "correct the value named above (--set dotted.key=value); `patchflow config --preset NAME` prints every field"
+    default_hint = ("correct the value named above (--set dotted.key=value); "
+                    "`patchflow config --preset NAME` prints every field")
 
 
 class StrictModel(BaseModel):
