@@ -198,7 +198,10 @@ class _TracebackToLog(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and not getattr(record, "patchflow_logged", False):
-            self.log.write(self.formatter.format(record))
+            try:
+                self.log.write(self.formatter.format(record))
+            except OSError:  # an unwritable data root: the console keeps the traceback then
+                return True
             record.patchflow_logged = True
             # Prefect puts its console handler on the root logger when it is first imported, which is
             # after main() starts, so the console side is hooked up here, on the first such record.
@@ -230,7 +233,7 @@ def _report_failure(exc: Exception, log: CommandLog) -> int:
     expected = isinstance(exc, PatchflowError)
     message = _one_line(str(exc)) if expected else f"unexpected {type(exc).__name__}: {_one_line(str(exc))}"
     print(f"patchflow: {message}", file=sys.stderr)
-    if expected and exc.hint:
+    if isinstance(exc, PatchflowError) and exc.hint:
         print(f"fix: {exc.hint}", file=sys.stderr)
     details = f"{log.command_line}\n" + "".join(traceback.format_exception(exc))
     try:

@@ -290,6 +290,7 @@ def test_a_bad_config_value_fails_in_one_line_with_a_fix_and_a_log(tmp_path):
     assert "Traceback (most recent call last)" in log and "tasks.config.ConfigError" in log
 
 
+@pytest.mark.slow  # the query command imports faiss and torch: 5-30 s on a busy machine
 def test_query_errors_take_the_same_path(tmp_path):
     done = _cli(["query", "--text", "a red heart", "--data-root", str(tmp_path)])
     assert done.returncode == 2
