@@ -30,13 +30,20 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
+from data_shards.errors import BadInputError
+
 log = logging.getLogger("patchflow.loader")
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 
-class ShardError(RuntimeError):
+class ShardError(BadInputError, RuntimeError):
     """A shard that cannot be read: the message names the shard and, where known, the key."""
+
+
+def _rebuild_hint(shard_path: str) -> str:
+    # A finished shard stage is reused as long as its manifest exists: only deleting its folder rebuilds it.
+    return f"delete the shard stage folder {Path(shard_path).parent} and run `patchflow run` again to rebuild it"
 
 
 @dataclass(frozen=True)
@@ -91,9 +98,9 @@ def shard_sample_counts(shard_paths: tuple[str, ...]) -> tuple[int, ...]:
             listed = _manifest_counts(str(manifest), manifest.stat().st_mtime_ns)
         except (OSError, ValueError, KeyError) as exc:
             raise ShardError(f"shard {path}: no readable manifest beside it ({manifest}: {exc}); "
-                             f"the loader needs its sample count to detect truncation") from None
+                             f"the loader needs its sample count to detect truncation", hint=_rebuild_hint(path)) from None
         if Path(path).name not in listed:
-            raise ShardError(f"shard {path}: not listed in {manifest}")
+            raise ShardError(f"shard {path}: not listed in {manifest}", hint=_rebuild_hint(path))
         counts.append(listed[Path(path).name])
     return tuple(counts)
 
@@ -116,7 +123,8 @@ def iterate_tar(path: str) -> Iterator[dict[str, Any]]:
                 current.setdefault("__key__", key)
                 current[ext] = stream.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ShardError(f"shard {path}: corrupt or truncated tar after key {current.get('__key__')!r}: {exc}") from None
+        raise ShardError(f"shard {path}: corrupt or truncated tar after key {current.get('__key__')!r}: {exc}",
+                         hint=_rebuild_hint(path)) from None
     if current:
         yield current
 
@@ -138,13 +146,13 @@ def read_shard(path: str, expected: int | None = None, start: int = 0, stop: int
             return
         if index >= expected:
             raise ShardError(f"shard {path}: holds more than the {expected} samples its manifest lists "
-                             f"(key {sample['__key__']!r}); the shard was replaced after it was written")
+                             f"(key {sample['__key__']!r}); the shard was replaced after it was written", hint=_rebuild_hint(path))
         if index >= start:
             yield sample
         index += 1
     if index < stop:
         raise ShardError(f"shard {path}: the manifest lists {expected} samples but the tar ends after {index} "
-                         f"(truncated, or a damaged header mid-file); re-run the shard stage to rewrite it")
+                         f"(truncated, or a damaged header mid-file)", hint=_rebuild_hint(path))
 
 
 def slot_pieces(counts: list[int], order: list[int], slot: int, slots: int, equal: bool) -> list[tuple[int, int, int]]:
@@ -253,7 +261,7 @@ class ShardStream(IterableDataset):
         except (OSError, ValueError, SyntaxError) as exc:
             message = f"shard {path} key {sample['__key__']!r}: cannot decode image ({exc})"
             if self.spec.on_error == "raise":
-                raise ShardError(message) from None
+                raise ShardError(message, hint=_rebuild_hint(path)) from None
             self.skipped += 1
             log.warning("skipping sample (%d skipped so far in this worker): %s", self.skipped, message)
             return None
@@ -322,7 +330,9 @@ def training_batches(spec: LoaderSpec, start_epoch: int = 0, skip_batches: int =
                 continue
             yield epoch, index, batch
         if produced == 0:
-            raise ShardError(f"epoch {epoch} produced no batch of {spec.batch_size} from {len(spec.shard_paths)} shard(s) on rank {spec.rank}")
+            raise ShardError(f"epoch {epoch} produced no batch of {spec.batch_size} from {len(spec.shard_paths)} shard(s) "
+                             f"on rank {spec.rank}",
+                             hint="lower the stage's train.batch_size, or raise the dataset's shard.source.max_* limits")
         epoch += 1
 
 

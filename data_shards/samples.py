@@ -8,9 +8,14 @@ from typing import Any
 
 import numpy as np
 
+from data_shards.errors import BadInputError
 
-class SourceError(ValueError):
+
+class SourceError(BadInputError, ValueError):
     """A source that cannot be read; the message names the file, row or key at fault."""
+
+    default_hint = ("point the source at readable data: --set shard.source.path=PATH and shard.source.kind=KIND "
+                    "(pairs.source.* for the caption pairs); `patchflow config` shows the current values")
 
 
 @dataclass

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
+import traceback
+from datetime import datetime, timezone
 from pathlib import Path
 
-from tasks.config import ConfigError, available_presets, load_config, resolve_data_root
+from data_shards.errors import PatchflowError
+from tasks.config import available_presets, load_config, resolve_data_root
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -93,16 +97,12 @@ def _save_grid(index, hits: list[dict], out: str) -> None:
 
 
 def _query(args: argparse.Namespace) -> int:
-    from tasks.search import SearchError, open_index, search
+    from tasks.search import open_index, search
 
-    try:
-        index = open_index(resolve_data_root(args.data_root), args.index)
-        hits = search(index, text=args.text, image=_read_query_image(args.image), key=args.key, k=args.k)
-        if args.grid:
-            _save_grid(index, hits, args.grid)
-    except SearchError as exc:
-        print(f"patchflow query: {exc}", file=sys.stderr)
-        return 2
+    index = open_index(resolve_data_root(args.data_root), args.index)  # a SearchError fails in main()
+    hits = search(index, text=args.text, image=_read_query_image(args.image), key=args.key, k=args.k)
+    if args.grid:
+        _save_grid(index, hits, args.grid)
     if args.json:
         print(json.dumps({"index": index.name, "results": hits}, indent=2))
         return 0
@@ -156,16 +156,113 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+# Prefect's engine logs a failed task or flow run here, traceback included (exc_info).
+PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+class CommandLog:
+    """``<data_root>/logs/<UTC start time>-<command>.log``: the command's tracebacks, so the terminal
+    shows one line per failure. The file is created on the first write only."""
+
+    def __init__(self, args: argparse.Namespace, argv: list[str]) -> None:
+        self.args, self.command_line = args, " ".join(["patchflow", *argv])
+        self.name = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{args.command}.log"
+        self.path: Path | None = None
+
+    def write(self, text: str) -> Path:
+        if self.path is None:
+            self.path = _data_root(self.args) / "logs" / self.name
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as out:
+            out.write(text.rstrip("\n") + "\n\n")
+        return self.path
+
+
+def _data_root(args: argparse.Namespace) -> Path:
+    """The command's data root: the config's when it loads (a preset file may set one), else flag/env/default."""
+    if hasattr(args, "preset"):
+        with contextlib.suppress(Exception):  # the config may be what failed: finding the log must not fail too
+            return Path(load_config(args.preset, args.overrides, args.data_root).data_root)
+    return resolve_data_root(getattr(args, "data_root", None))
+
+
+class _TracebackToLog(logging.Filter):
+    """On Prefect's run loggers: a record's traceback goes to the command log, and the console shows
+    the record's one-line message. The Prefect API handler (on these loggers, so it runs before the
+    root's console handler) still gets the whole record for the Prefect UI."""
+
+    def __init__(self, log: CommandLog) -> None:
+        super().__init__()
+        self.log, self.formatter = log, logging.Formatter(LOG_FORMAT)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and not getattr(record, "patchflow_logged", False):
+            try:
+                self.log.write(self.formatter.format(record))
+            except OSError:  # an unwritable data root: the console keeps the traceback then
+                return True
+            record.patchflow_logged = True
+            # Prefect puts its console handler on the root logger when it is first imported, which is
+            # after main() starts, so the console side is hooked up here, on the first such record.
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                        and not any(isinstance(f, _OneLineOnConsole) for f in handler.filters):
+                    handler.addFilter(_OneLineOnConsole())
+        return True
+
+
+class _OneLineOnConsole(logging.Filter):
+    """On console handlers: drop the traceback of a record whose traceback is in the command log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "patchflow_logged", False):
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def _one_line(text: str) -> str:
+    """A multi-line message (a config with several bad fields) as one line: ``first rest; rest``."""
+    first, *rest = [line.strip() for line in text.splitlines() if line.strip()] or [""]
+    return f"{first} {'; '.join(rest)}".strip()
+
+
+def _report_failure(exc: Exception, log: CommandLog) -> int:
+    """One line for the user (plus the fix, when known); the traceback goes to the log.
+    Exit status 2: bad input or another expected failure; 1: a bug or an unforeseen fault."""
+    expected = isinstance(exc, PatchflowError)
+    message = _one_line(str(exc)) if expected else f"unexpected {type(exc).__name__}: {_one_line(str(exc))}"
+    print(f"patchflow: {message}", file=sys.stderr)
+    if isinstance(exc, PatchflowError) and exc.hint:
+        print(f"fix: {exc.hint}", file=sys.stderr)
+    details = f"{log.command_line}\n" + "".join(traceback.format_exception(exc))
+    try:
+        print(f"details: {log.write(details)}", file=sys.stderr)
+    except OSError as write_error:  # an unwritable data root must not hide the failure itself
+        print(f"details: cannot write the log ({write_error}); the traceback follows\n{details}", file=sys.stderr)
+    return 2 if expected else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    log = CommandLog(args, argv)
+    to_log = _TracebackToLog(log)
+    for name in PREFECT_RUN_LOGGERS:
+        logging.getLogger(name).addFilter(to_log)
     try:
-        return args.handler(args)
-    except ConfigError as exc:
-        print(f"patchflow: {exc}", file=sys.stderr)
-        return 2
+        status = args.handler(args)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported the same short way
+        return _report_failure(exc, log)
+    finally:
+        for name in PREFECT_RUN_LOGGERS:
+            logging.getLogger(name).removeFilter(to_log)
+    if log.path is not None:  # e.g. a stage failed and a retry got past it
+        print(f"patchflow: tracebacks logged during the run are in {log.path}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

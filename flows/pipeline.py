@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import mlflow
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
+from data_shards.errors import is_transient
 from tasks import clip_train, dit_stage, evaluate, index, latents, mae_pretrain, shard, vae_train
 from tasks.config import PipelineConfig, load_config
 from tasks.stage import StageContext, StageResult, stage_key
@@ -50,10 +52,19 @@ def _summarise(result: StageResult) -> None:
                           description=f"patchflow stage {result.stage}")
 
 
-def stage_task(name: str, run: StageFn) -> Any:
-    """Wrap a stage's plain function as a cached, retried Prefect task."""
+def retry_if_transient(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Prefect's ``retry_condition_fn``: retry a failed stage only for a fault a retry may get past
+    (a lost API connection, a locked database); bad input fails the stage at once."""
+    # The engine hands the exception over as the Failed state's data; state.result() would re-raise it
+    # through Prefect's async machinery and add those frames to the stage's traceback.
+    return isinstance(state.data, BaseException) and is_transient(state.data)
 
-    @task(name=name, cache_key_fn=stage_cache_key, persist_result=True, retries=1, retry_delay_seconds=2)
+
+def stage_task(name: str, run: StageFn) -> Any:
+    """Wrap a stage's plain function as a cached Prefect task, retried (after 2 s, then 10 s) for transient faults."""
+
+    @task(name=name, cache_key_fn=stage_cache_key, persist_result=True, retries=2, retry_delay_seconds=[2, 10],
+          retry_condition_fn=retry_if_transient)
     def run_stage(config: Any, inputs: list[StageResult], context: StageContext) -> StageResult:
         result = run(config, inputs, context)
         get_run_logger().info("%s %s -> %s", name, "reused" if result.reused else "finished", result.output_dir)

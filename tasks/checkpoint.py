@@ -13,16 +13,17 @@ import numpy as np
 import torch
 
 from data_shards.atomic import write_bytes_atomic
+from data_shards.errors import BadInputError
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})\.pt$")
 log = logging.getLogger("patchflow.checkpoint")
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(BadInputError, ValueError):
     """A checkpoint written for another model config than the one asked to resume."""
 
 
-class DamagedFileError(ValueError):
+class DamagedFileError(BadInputError, ValueError):
     """A weights or checkpoint file that torch cannot load (truncated, overwritten, not a torch file)."""
 
 
@@ -37,8 +38,9 @@ def load_torch_file(path: Path, weights_only: bool = True) -> Any:
         raise
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError… for a damaged file
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DamagedFileError(f"{path}: damaged or not a torch file ({reason}); delete it and run the stage "
-                               f"that wrote it again") from None
+        # A finished stage is reused while its manifest exists: deleting its folder is what rebuilds the file.
+        hint = f"delete the folder {Path(path).parent} and run `patchflow run` again to rebuild it"
+        raise DamagedFileError(f"{path}: damaged or not a torch file ({reason})", hint=hint) from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -106,8 +108,8 @@ def load_latest(folder: Path, signature: dict[str, Any]) -> dict[str, Any] | Non
         _check_signature(path, state.get("signature", {}), signature)
         return state
     if damaged:
-        raise DamagedFileError(f"{folder}: every checkpoint is damaged ({', '.join(damaged)}); delete the folder "
-                               f"to train from step 0")
+        raise DamagedFileError(f"{folder}: every checkpoint is damaged ({', '.join(damaged)})",
+                               hint=f"delete the folder {folder} to train from step 0")
     return None
 
 
@@ -115,4 +117,5 @@ def _check_signature(path: Path, saved: dict[str, Any], signature: dict[str, Any
     if saved != signature:
         differing = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
         details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {signature.get(k)!r}" for k in differing)
-        raise CheckpointMismatch(f"{path} was written for another model ({details}); delete it or restore the config")
+        hint = f"delete the folder {Path(path).parent} to train from step 0, or restore the config it was written with"
+        raise CheckpointMismatch(f"{path} was written for another model ({details})", hint=hint)

@@ -14,13 +14,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from data_shards.errors import BadInputError
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "presets"
 DATA_ROOT_ENV = "PATCHFLOW_DATA_ROOT"
 DEFAULT_DATA_ROOT = ".patchflow"
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInputError, ValueError):
     """A preset, override or config file that does not validate; the message names the field."""
+
+    default_hint = ("correct the value named above (--set dotted.key=value); "
+                    "`patchflow config --preset NAME` prints every field")
 
 
 class StrictModel(BaseModel):

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from data_shards.errors import BadInputError
 from tasks.checkpoint import load_latest, restore_rng_state, rng_state, save_checkpoint
 from tasks.config import OptimConfig, TrainConfig
 from tasks.distributed import DistInfo
@@ -34,8 +35,13 @@ BatchStream = Callable[[int, int], Iterator[tuple[int, int, Batch]]]  # (start_e
 MetricLogger = Callable[[dict[str, float], int], None]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stops rather than writing a broken checkpoint."""
+class NonFiniteLossError(BadInputError, RuntimeError):
+    """The loss became NaN or infinite; training stops rather than writing a broken checkpoint.
+
+    Not transient: with a fixed seed a retry diverges at the same step again."""
+
+    default_hint = ("lower the stage's train.optim.base_lr or set train.optim.clip_grad "
+                    "(e.g. --set mae.train.optim.clip_grad=1.0)")
 
 
 @dataclass
@@ -215,8 +221,7 @@ def train(job: TrainJob) -> TrainSummary:
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast_context(cfg.precision, dist.device):
                 loss, extra = job.loss_fn(model, batch)
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss is {float(loss.detach())} at step {step} (epoch {epoch}, batch {index}); "
-                                         f"lower optim.base_lr or enable optim.clip_grad")
+                raise NonFiniteLossError(f"loss is {float(loss.detach())} at step {step} (epoch {epoch}, batch {index})")
             (loss / cfg.optim.accum_steps).backward()
             step_loss += float(loss.detach()) / cfg.optim.accum_steps
             metrics.update({k: _scalar(v) for k, v in extra.items()})

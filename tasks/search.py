@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from data_shards.errors import BadInputError
 from data_shards.loader import to_model_input
 from tasks.index import META_FORMAT, Embedder, l2_normalise, load_embedder, set_param
 from tasks.stage import MANIFEST_NAME
@@ -27,7 +28,7 @@ MAX_IMAGE_BYTES = 10 * 2**20
 MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
-class SearchError(ValueError):
+class SearchError(BadInputError, ValueError):
     """A query or index that cannot be served; the message names the problem."""
 
 
@@ -102,7 +103,8 @@ def open_index(data_root: str | Path, name: str | None = None) -> OpenIndex:
                          {item["key"]: i for i, item in enumerate(meta["items"])})
     known = list_indexes(data_root)
     what = f"unknown index {name!r}" if name is not None else "no finished index"
-    raise SearchError(f"{what} under {data_root} (available: {known or 'none'})")
+    raise SearchError(f"{what} under {data_root} (available: {known or 'none'})",
+                      hint="pass --index with an available name, or build one with `patchflow run` (its index stage)")
 
 
 def _check_k(k: Any) -> int:

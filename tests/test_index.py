@@ -193,7 +193,8 @@ def test_cli_query_json_and_exit_code_2_on_unknown_index(built, capsys, tmp_path
     assert Image.open(grid).size == (4 * 64, 64)
     assert cli_main(["query", "--key", key, "--index", "nosuch", "--data-root", str(built["root"])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unknown index 'nosuch'" in err[0]
+    assert err[0].startswith("patchflow: unknown index 'nosuch'") and err[1].startswith("fix: ")
+    assert err[2].startswith(f"details: {built['root'] / 'logs'}") and len(err) == 3  # the traceback is in that log
 
 
 def _free_port() -> int:
