@@ -30,8 +30,9 @@ class PatchflowError(Exception):
         self.hint = hint if hint is not None else self.default_hint
 
 
-class BadInputError(PatchflowError):
-    """The config, source, shards or a saved file are wrong: retrying cannot help."""
+class BadInputError(PatchflowError, ValueError):
+    """The config, source, shards or a saved file are wrong: retrying cannot help. A ValueError too,
+    since that is what such checks raised before there was a hierarchy."""
 
 
 class TransientError(PatchflowError):

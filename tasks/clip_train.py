@@ -21,6 +21,7 @@ from typing import Any
 import mlflow
 import torch
 
+from data_shards.errors import BadInputError
 from data_shards.atomic import sha256_file, write_json_atomic
 from data_shards.loader import LoaderSpec, evaluation_batches, split_shards, training_batches
 from models.clip import CLIP, clip_loss, load_clip, save_clip
@@ -44,7 +45,7 @@ def pairs_geometry(shards_manifest: str | Path, channels: int) -> dict[str, Any]
     manifest = json.loads(Path(shards_manifest).read_text())["outputs"]
     split = manifest["splits"].get("train")
     if split is None or not split.get("has_captions"):
-        raise ValueError(f"{shards_manifest}: no captioned train split to train CLIP on")
+        raise BadInputError(f"{shards_manifest}: no captioned train split to train CLIP on")
     mean, std = split["pixel_mean"], split["pixel_std"]
     if channels == 1 and len(mean) == 3:
         mean, std = [sum(w * m for w, m in zip(LUMA, mean))], [sum(w * s for w, s in zip(LUMA, std))]
@@ -69,7 +70,7 @@ def check_mae_geometry(config: CLIPConfig, mae_architecture: dict[str, Any]) -> 
               "encoder_size": config.vision_size}
     for field, value in wanted.items():
         if mae_architecture.get(field) != value:
-            raise ValueError(f"clip.image_init=mae: the MAE encoder has {field}={mae_architecture.get(field)!r} but the "
+            raise BadInputError(f"clip.image_init=mae: the MAE encoder has {field}={mae_architecture.get(field)!r} but the "
                              f"CLIP image tower has {field}={value!r}; set clip.{'channels' if field == 'in_chans' else 'vision_size' if field == 'encoder_size' else field} "
                              f"to match, or clip.image_init=random")
 
@@ -234,7 +235,7 @@ def run(config: CLIPConfig, inputs: list[StageResult], context: StageContext) ->
     (shards,) = [r for r in inputs if r.stage == "shard"]
     mae = [r for r in inputs if r.stage == "mae_pretrain"]
     if config.image_init == "mae" and not mae:
-        raise ValueError("clip.image_init=mae needs the mae_pretrain stage's result as an input "
+        raise BadInputError("clip.image_init=mae needs the mae_pretrain stage's result as an input "
                          "(enable mae_pretrain, or set clip.image_init=random)")
     output_dir = stage_output_dir(context.data_root, STAGE, config, inputs)
     done = finished_result(output_dir)

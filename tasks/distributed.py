@@ -16,6 +16,8 @@ import mlflow
 import torch
 import torch.distributed as dist
 
+from data_shards.atomic import write_json_atomic
+from data_shards.errors import BadInputError, PatchflowError, TransientError, is_transient
 from tasks.config import TrainConfig
 from tasks.tracking import tracking_uri
 
@@ -36,6 +38,11 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+class TrainingStopped(PatchflowError, RuntimeError):
+    """Training ended before its last step (killed, or its process failed); a rerun resumes it.
+    Not transient: the stage is not retried in-process, since a kill is usually the user's choice."""
 
 
 def init_distributed() -> DistInfo:
@@ -65,7 +72,7 @@ def torchrun_command(
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}"]
     if nnodes > 1:
         if not rdzv_endpoint:
-            raise ValueError("train.rdzv_endpoint (host:port) is required when train.nnodes > 1")
+            raise BadInputError("train.rdzv_endpoint (host:port) is required when train.nnodes > 1")
         command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
         if node_rank is not None:
             command.append(f"--node-rank={node_rank}")
@@ -118,10 +125,19 @@ def launch_training(module: str, worker: Callable[[Path], Any], job_path: Path, 
         worker(job_path)
     else:
         command = torchrun_command(module, [str(job_path)], train.nproc_per_node, train.nnodes, train.rdzv_endpoint)
-        run_torchrun(command, log=log, env={"MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": tracking_uri(data_root)})
+        for stale in rank_error_paths(job_path):
+            stale.unlink()
+        try:
+            run_torchrun(command, log=log, env={"MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": tracking_uri(data_root)})
+        except RuntimeError as exc:
+            failure = rank_failure(job_path)
+            if failure is None:
+                raise
+            raise failure from exc
     if not exported.is_file():
-        raise RuntimeError(f"{module}: training stopped before step {train.steps}; run again to resume from the "
-                           f"newest checkpoint in {checkpoint_dir}")
+        raise TrainingStopped(f"{module}: training stopped before step {train.steps}; run again to resume from the "
+                              f"newest checkpoint in {checkpoint_dir}", hint="run the same command again: finished "
+                              "stages are reused and training resumes from its newest checkpoint")
     return json.loads(summary_path.read_text())
 
 
@@ -131,12 +147,35 @@ def loss_ends(losses: list[float], max_window: int) -> dict[str, float]:
     return {"first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window}
 
 
+def rank_error_paths(job_path: Path) -> list[Path]:
+    return sorted(job_path.parent.glob(f"{job_path.stem}.error-rank*.json"))
+
+
+def rank_failure(job_path: Path) -> PatchflowError | None:
+    """The first rank's expected failure, rebuilt in the launcher from the file the rank left, so a
+    damaged shard read by rank 1 reaches the user as that error (class, message, fix), not as
+    "torchrun exited with code 1"; None when no rank left one (a crash or a kill)."""
+    for path in rank_error_paths(job_path):
+        error = json.loads(path.read_text())
+        kind = TransientError if error["transient"] else BadInputError
+        return kind(f"{error['type']} on rank {error['rank']}: {error['message']}", hint=error["hint"])
+    return None
+
+
 def run_rank(worker: Callable[[Path], Any], job_path: str) -> None:
-    """A torchrun rank's entry point: rank 0 attaches to the launching stage's MLflow run."""
+    """A torchrun rank's entry point: rank 0 attaches to the launching stage's MLflow run; an expected
+    failure is also written beside the job file for the launcher (torchrun passes on only an exit code)."""
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(name)s %(message)s")
-    if rank == "0" and os.environ.get("MLFLOW_RUN_ID"):
-        with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]):
+    try:
+        if rank == "0" and os.environ.get("MLFLOW_RUN_ID"):
+            with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]):
+                worker(Path(job_path))
+        else:
             worker(Path(job_path))
-    else:
-        worker(Path(job_path))
+    except PatchflowError as exc:
+        job = Path(job_path)
+        write_json_atomic(job.with_name(f"{job.stem}.error-rank{rank}.json"),
+                          {"rank": rank, "type": type(exc).__name__, "message": str(exc), "hint": exc.hint,
+                           "transient": is_transient(exc)})
+        raise

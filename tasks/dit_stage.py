@@ -14,6 +14,7 @@ from typing import Any
 import mlflow
 import torch
 
+from data_shards.errors import BadInputError
 from data_shards.atomic import sha256_file, write_json_atomic
 from data_shards.loader import evaluation_batches
 from models.diffusion import GaussianDiffusion
@@ -40,7 +41,7 @@ def build_dit(config: DiTConfig, latent_shape: list[int], num_classes: int) -> D
     channels, size, _ = latent_shape
     patch = int(config.model.rpartition("/")[2]) if config.model.rpartition("/")[2].isdigit() else 0
     if patch < 1 or size % patch:
-        raise ValueError(f"dit.model {config.model!r}: latent size {size} (image {size * 8} px / 8) is not divisible "
+        raise BadInputError(f"dit.model {config.model!r}: latent size {size} (image {size * 8} px / 8) is not divisible "
                          f"by patch size {patch}; use a smaller patch or a larger vae.image_size")
     return dit_from_name(config.model, input_size=size, in_channels=channels, num_classes=num_classes,
                          learn_sigma=config.learn_sigma, class_dropout_prob=config.class_dropout_prob)
@@ -185,7 +186,7 @@ def run(config: DiTConfig, inputs: list[StageResult], context: StageContext) -> 
     latent_outputs = latents_result.manifest()["outputs"]
     classes = latent_outputs["classes"]
     if not classes:
-        raise ValueError(f"{latents_result.manifest_path}: class-conditional DiT needs labelled shards")
+        raise BadInputError(f"{latents_result.manifest_path}: class-conditional DiT needs labelled shards")
     model = build_dit(config, latent_outputs["latent_shape"], len(classes))  # geometry errors before any work
     vae = load_vae(vae_result)
     fingerprint = parameter_fingerprint(vae)
@@ -218,7 +219,7 @@ def run(config: DiTConfig, inputs: list[StageResult], context: StageContext) -> 
         by_class = sample_labels.argsort(stable=True).to(generated.device)
         log_image(image_grid(generated[by_class][: 8 * len(classes)], 8), "samples_final.png")
         if parameter_fingerprint(vae) != fingerprint:
-            raise RuntimeError(f"the frozen VAE from {vae_result.output_dir} changed during DiT training")
+            raise BadInputError(f"the frozen VAE from {vae_result.output_dir} changed during DiT training")
         metrics = {**loss_ends(summary["losses"], 20), "latents_per_s": summary["images_per_s"], "train_wall_s": summary["wall_s"], **scores}
         mlflow.log_metrics(metrics)
         mlflow.set_tag("quality.classifier", source)

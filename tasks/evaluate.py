@@ -15,6 +15,7 @@ import mlflow
 import numpy as np
 import torch
 
+from data_shards.errors import BadInputError
 from data_shards.atomic import sha256_file
 from data_shards.loader import LoaderSpec, evaluation_batches, split_shards
 from models.vit import VisionTransformer
@@ -37,12 +38,12 @@ def _require_labelled_splits(shard_manifest: dict[str, Any], manifest_path: str)
     splits = shard_manifest["outputs"]["splits"]
     missing = [s for s in SPLITS if s not in splits]
     if missing:
-        raise ValueError(f"{manifest_path}: evaluation needs train/val/test splits; missing {missing}")
+        raise BadInputError(f"{manifest_path}: evaluation needs train/val/test splits; missing {missing}")
     for name in SPLITS:
         if not splits[name]["has_labels"]:
-            raise ValueError(f"{manifest_path}: split {name!r} has no labels (.cls) to evaluate against")
+            raise BadInputError(f"{manifest_path}: split {name!r} has no labels (.cls) to evaluate against")
         if name == "train" and len(splits[name]["class_histogram"]) < 2:
-            raise ValueError(f"{manifest_path}: split 'train' has only one class; a classifier needs two or more")
+            raise BadInputError(f"{manifest_path}: split 'train' has only one class; a classifier needs two or more")
     return shard_manifest["outputs"]["classes"] or sorted(splits["train"]["class_histogram"])
 
 
@@ -137,7 +138,7 @@ def run(config: EvalConfig, inputs: list[StageResult], context: StageContext) ->
     encoder = build_encoder(architecture)
     load_encoder_weights(encoder, encoder_path)  # a mismatched checkpoint fails here, before any work
     if config.feature_blocks > len(encoder.blocks):
-        raise ValueError(f"evaluate.feature_blocks={config.feature_blocks} exceeds the {architecture['encoder_size']} "
+        raise BadInputError(f"evaluate.feature_blocks={config.feature_blocks} exceeds the {architecture['encoder_size']} "
                          f"encoder's depth {len(encoder.blocks)}")
     torch.manual_seed(0)
     random_encoder = build_encoder(architecture)

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import mlflow
 
+from data_shards.errors import BadInputError
 from data_shards.atomic import write_json_atomic
 from data_shards.loader import LoaderSpec, evaluation_batches, training_batches
 from models.vit import VisionTransformer, vit_from_name
@@ -76,7 +77,7 @@ def load_encoder_weights(model: VisionTransformer, path: Path) -> tuple[list[str
     missing = [k for k in own if k not in state and not k.startswith(may_stay_new)]
     unexpected = [k for k in state if k not in own and not k.startswith(may_drop)]
     if wrong or missing or unexpected:
-        raise ValueError(f"{path} does not match the encoder config: shapes {wrong[:5]}, missing {missing[:5]}, "
+        raise BadInputError(f"{path} does not match the encoder config: shapes {wrong[:5]}, missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     new = sorted(k for k in own if k not in state)
     dropped = sorted(k for k in state if k not in own)

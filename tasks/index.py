@@ -34,6 +34,7 @@ import mlflow
 import numpy as np
 import torch
 
+from data_shards.errors import BadInputError
 from data_shards.atomic import write_bytes_atomic, write_json_atomic
 from data_shards.loader import IMAGE_EXTS, LoaderSpec, evaluation_batches, split_shards
 from tasks.config import IndexConfig, IndexTarget
@@ -115,7 +116,7 @@ def load_embedder(record: dict[str, Any], data_root: Path, device: str = "cpu") 
     """Rebuild the encoder of ``encoder_record`` (MAE: strictly, through the evaluation helpers)."""
     weights = Path(data_root) / record["weights"]
     if not weights.is_file():
-        raise FileNotFoundError(f"encoder weights {weights} are missing")
+        raise BadInputError(f"encoder weights {weights} are missing")
     if record["kind"] == "mae":
         arch, norm = record["architecture"], record["normalization"]
         model = build_encoder(arch)
@@ -196,7 +197,7 @@ def embed_split(embedder: Embedder, shards: tuple[str, ...], out_dir: Path, batc
         vectors.append(shard_vectors)
         rows.extend(shard_rows)
     if not rows:
-        raise ValueError(f"{out_dir}: the split has no images to index")
+        raise BadInputError(f"{out_dir}: the split has no images to index")
     return np.concatenate(vectors), rows, embedded_now
 
 
@@ -373,9 +374,9 @@ def run(config: IndexConfig, inputs: list[StageResult], context: StageContext) -
     datasets, encoders = _inputs_by_role(inputs, context)
     for target in config.targets:
         if target.dataset not in datasets:
-            raise ValueError(f"index target {target.name!r}: dataset {target.dataset!r} is not among the inputs")
+            raise BadInputError(f"index target {target.name!r}: dataset {target.dataset!r} is not among the inputs")
         if target.encoder not in encoders:
-            raise ValueError(f"index target {target.name!r}: encoder {target.encoder!r} is not among the inputs")
+            raise BadInputError(f"index target {target.name!r}: encoder {target.encoder!r} is not among the inputs")
     output_dir.mkdir(parents=True, exist_ok=True)
     with stage_run(STAGE, context.data_root, context.parent_run_id, params=config.model_dump(mode="json")) as tracked:
         device = stage_device(context)

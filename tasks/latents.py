@@ -18,6 +18,7 @@ import mlflow
 import torch
 import webdataset as wds
 
+from data_shards.errors import BadInputError
 from data_shards.atomic import sha256_file, write_json_atomic
 from data_shards.loader import evaluation_batches, read_shard, split_shards
 from models.vae import parameter_fingerprint
@@ -72,7 +73,7 @@ def run(config: LatentConfig, inputs: list[StageResult], context: StageContext) 
     available = shards.manifest()["outputs"]["splits"]
     missing = [s for s in config.splits if s not in available]
     if missing:
-        raise ValueError(f"latents.splits: {missing} not in the shards ({shards.manifest_path} has {sorted(available)})")
+        raise BadInputError(f"latents.splits: {missing} not in the shards ({shards.manifest_path} has {sorted(available)})")
     device = stage_device(context)
     vae = load_vae(vae_result).to(device)
     vae_outputs = vae_result.manifest()["outputs"]
@@ -95,7 +96,7 @@ def run(config: LatentConfig, inputs: list[StageResult], context: StageContext) 
                                 "sha256": sha256_file(target)})
             splits[split] = {"num_samples": sum(e["samples"] for e in entries), "shards": entries}
         if parameter_fingerprint(vae) != fingerprint:
-            raise RuntimeError(f"the frozen VAE from {vae_result.output_dir} changed while encoding")
+            raise BadInputError(f"the frozen VAE from {vae_result.output_dir} changed while encoding")
         elapsed = time.perf_counter() - started
         size = vae_outputs["image_size"] // vae_outputs["downsample_factor"]
         outputs = {"splits": splits, "latent_shape": [vae_outputs["constructor"]["latent_channels"], size, size],

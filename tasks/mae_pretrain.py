@@ -15,6 +15,7 @@ from typing import Any
 import mlflow
 import torch
 
+from data_shards.errors import BadInputError
 from data_shards.atomic import sha256_file, write_json_atomic
 from data_shards.loader import LoaderSpec, evaluation_batches, split_shards, training_batches
 from models.mae import MaskedAutoencoder, denormalize_pred, mae_from_name, reconstruction_grid
@@ -33,7 +34,7 @@ def data_geometry(shards_manifest: str | Path) -> dict[str, Any]:
     """Channels and normalisation of the train split, read from the shard manifest."""
     train_split = json.loads(Path(shards_manifest).read_text())["outputs"]["splits"].get("train")
     if train_split is None:
-        raise ValueError(f"{shards_manifest}: no train split to pretrain on")
+        raise BadInputError(f"{shards_manifest}: no train split to pretrain on")
     return {"channels": train_split["channels"], "mean": train_split["pixel_mean"], "std": train_split["pixel_std"]}
 
 

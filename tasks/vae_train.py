@@ -16,6 +16,7 @@ from typing import Any
 import mlflow
 import torch
 
+from data_shards.errors import BadInputError
 from data_shards.atomic import sha256_file
 from data_shards.loader import LoaderSpec, evaluation_batches, split_shards, training_batches
 from models.vae import TinyAutoencoder, autoencoder_loss, freeze, load_pretrained_tiny_autoencoder, parameter_fingerprint
@@ -49,11 +50,11 @@ def load_pretrained(folder: str) -> TinyAutoencoder:
     for name in PRETRAINED_FILES:
         path = Path(folder).expanduser() / name
         if not path.is_file():
-            raise ValueError(f"vae.pretrained_dir: {path} does not exist")
+            raise BadInputError(f"vae.pretrained_dir: {path} does not exist")
         try:
             states.append(load_torch_file(path))
         except Exception as exc:  # torch raises several types for a damaged file
-            raise ValueError(f"{path}: cannot read weights ({exc})") from None
+            raise BadInputError(f"{path}: cannot read weights ({exc})") from None
     return load_pretrained_tiny_autoencoder(*states)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from data_shards.errors import BadInputError
 from tasks import dit_stage, latents, vae_train
 from tasks.config import DiTConfig, LatentConfig, TrainConfig, VAEConfig
 from tasks.stage import StageContext
@@ -123,7 +124,7 @@ def test_a_vae_changed_during_the_stage_is_refused(branch, tmp_path, monkeypatch
     monkeypatch.setattr(dit_stage, "sample_images", tampering)
     config = DiTConfig(model="DiT-N/1", samples_per_class=1, sample_steps=2, classifier_steps=2,
                        train=TrainConfig(batch_size=16, steps=2, checkpoint_every=2, log_every=1, eval_every=2))
-    with pytest.raises(RuntimeError, match="the frozen VAE from .* changed during DiT training"):
+    with pytest.raises(BadInputError, match="the frozen VAE from .* changed during DiT training"):
         dit_stage.run(config, [shards, vae, lat], StageContext(data_root=tmp_path))
 
 

@@ -213,3 +213,17 @@ def test_stage_under_torchrun_with_two_cpu_processes(shards, tmp_path):
     assert result.metrics["steps"] == 4 and result.manifest()["config"]["train"]["nproc_per_node"] == 2
     summary = json.loads((Path(result.output_dir) / "train_summary.json").read_text())
     assert len(summary["losses"]) == 4 and all(math.isfinite(x) for x in summary["losses"])
+
+
+@pytest.mark.slow
+def test_a_damaged_shard_read_by_a_torchrun_rank_reaches_the_launcher_as_that_error(tmp_path):
+    """torchrun passes on only an exit code; the rank's ShardError (which shard, what to do) must
+    still be what the stage raises, as a BadInputError the pipeline does not retry."""
+    from data_shards.errors import BadInputError
+
+    damaged = make_shards(tmp_path / "shards", samples_per_shard=50)
+    for shard in Path(damaged.output_dir).glob("train-*.tar"):
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # cut mid-member
+    with pytest.raises(BadInputError, match=r"ShardError on rank \d: .*train-\d+\.tar") as caught:
+        _pretrain(damaged, tmp_path, _mae_config(steps=4, nproc_per_node=2, num_workers=0))
+    assert caught.value.hint and "shard" in caught.value.hint
