@@ -52,7 +52,12 @@ class Reruns:
 def _recompute(stage: Any, config: Any, inputs: list[StageResult], context: StageContext) -> StageResult:
     # The folder goes first: the stage's own run() reuses any folder that still has its manifest.
     discard_stage(stage_output_dir(context.data_root, stage.name, config, inputs))
-    return stage.with_options(refresh_cache=True)(config, inputs, context)
+    result = stage.with_options(refresh_cache=True)(config, inputs, context)
+    problems = verify_stage(result.output_dir)  # cheap: the manifest writer's hashes are cached in this process
+    if problems:  # a fresh folder that fails its own manifest points at the disk, not the cache
+        raise RuntimeError(f"{stage.name}: freshly written outputs in {result.output_dir} fail verification: "
+                           f"{'; '.join(problems)}")
+    return result
 
 
 def run_stage(stage: Any, config: Any, inputs: list[StageResult], context: StageContext,
