@@ -178,7 +178,10 @@ def _caption_table(cfg: Any, data_root: Path, seed: int) -> PreparedSource:
     table = _find_table(Path(cfg.path).expanduser())
     delimiter = "\t" if table.suffix.lower() == ".tsv" else ","
     with open(table, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle, delimiter=delimiter))
+        # A short row leaves its missing cells None; read them as empty, so a missing caption meets the
+        # empty_captions policy instead of being stored (or formatted into a template) as the text "None".
+        rows = [{column: cell or "" for column, cell in row.items()}
+                for row in csv.DictReader(handle, delimiter=delimiter)]
     if not rows:
         raise SourceError(f"{table}: caption table is empty")
     needed = ([cfg.image_column, cfg.caption_column] + ([cfg.label_column] if cfg.label_column else [])

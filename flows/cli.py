@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from data_shards.errors import PatchflowError
-from tasks.config import available_presets, load_config, resolve_data_root
+from tasks.config import STAGES, available_presets, load_config, resolve_data_root
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -31,13 +31,32 @@ def _run(args: argparse.Namespace) -> int:
     prepare_environment(config.data_root)
     from flows.pipeline import pipeline  # imports Prefect: after the environment is set
 
-    results = pipeline(preset=args.preset, overrides=args.overrides, data_root=config.data_root)
+    results = pipeline(preset=args.preset, overrides=args.overrides, data_root=config.data_root, rerun=args.rerun)
     for name, result in results.items():
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items()))
         print(f"{name:14s} {result.output_dir}\n{'':14s} {metrics}")
     print(f"\nMLflow UI:  patchflow ui --data-root {config.data_root}")
     _print_query_commands(results, config.data_root)
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """One line per finished stage folder under the data root: ok, or what is damaged."""
+    from tasks.verify import MANIFEST_NAME, verify_stage
+
+    stages = resolve_data_root(args.data_root) / "stages"
+    folders = sorted(f for f in stages.glob("*/*") if f.is_dir() and not f.name.startswith("."))
+    finished = [f for f in folders if (f / MANIFEST_NAME).is_file()]
+    damaged = 0
+    for folder in finished:
+        problems = verify_stage(folder)
+        damaged += bool(problems)
+        print(f"{folder.parent.name}/{folder.name}: " + ("ok" if not problems else "DAMAGED: " + "; ".join(problems)))
+    unfinished = len(folders) - len(finished)
+    print(f"{len(finished)} finished stage folder(s) under {stages}, {damaged} damaged"
+          + (f"; {unfinished} unfinished (no manifest) not checked" if unfinished else "")
+          + ("; `patchflow run` recomputes damaged stages" if damaged else ""))
+    return 1 if damaged else 0
 
 
 def _print_query_commands(results: dict, data_root: str) -> None:
@@ -126,12 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the whole pipeline (stages that finished before are reused)")
     _add_config_args(run)
+    run.add_argument("--rerun", action="append", default=[], choices=STAGES, metavar="STAGE",
+                     help=f"recompute this stage and every stage downstream of it, even if cached (repeatable; "
+                          f"one of {', '.join(STAGES)})")
     run.set_defaults(handler=_run)
     show = commands.add_parser("config", help="print the validated config of a preset")
     _add_config_args(show)
     show.set_defaults(handler=_show_config)
     presets = commands.add_parser("presets", help="list the presets")
     presets.set_defaults(handler=lambda _: print("\n".join(available_presets())) or 0)
+    verify = commands.add_parser("verify", help="check every finished stage's files against its manifest "
+                                                "(exit 1 if any is damaged)")
+    verify.add_argument("--data-root", default=None)
+    verify.set_defaults(handler=_verify)
     ui = commands.add_parser("ui", help="open the MLflow UI on the data root's tracking store")
     ui.add_argument("--data-root", default=None)
     ui.add_argument("--host", default="127.0.0.1")

@@ -2,12 +2,14 @@
 
 Each stage is a Prefect task wrapping the stage's plain ``run`` function. The cache key is the
 stage's output-folder key (stage, code version, config, upstream output digests); a cache hit whose
-outputs were deleted since is recomputed, so a hit never hands a dangling folder downstream. One MLflow parent run spans the flow run; each stage opens a nested run.
+outputs were deleted or damaged since (tasks/verify.py) is recomputed, so a hit never hands a broken folder
+downstream; ``rerun`` forces named stages and their dependants to recompute. One MLflow parent run spans the flow run; each stage opens a nested run.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,9 +22,10 @@ from prefect.runtime import flow_run
 
 from data_shards.errors import is_transient
 from tasks import clip_train, dit_stage, evaluate, index, latents, mae_pretrain, shard, vae_train
-from tasks.config import PipelineConfig, load_config
-from tasks.stage import StageContext, StageResult, stage_key
+from tasks.config import STAGES, ConfigError, PipelineConfig, load_config
+from tasks.stage import StageContext, StageResult, stage_key, stage_output_dir
 from tasks.tracking import configure_tracking, flatten
+from tasks.verify import discard_stage, verify_stage
 
 StageFn = Callable[[Any, list[StageResult], StageContext], StageResult]
 
@@ -35,13 +38,46 @@ def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return f"patchflow-{stage}-{stage_key(stage, config, inputs)}-{root}"
 
 
-def run_stage(stage: Any, config: Any, inputs: list[StageResult], context: StageContext) -> StageResult:
-    """Call a stage task; if the cache hands back a result whose outputs were deleted since,
-    run it again with the cache refreshed rather than pass a dangling folder downstream."""
+@dataclass
+class Reruns:
+    """Stages the user asked to recompute (``patchflow run --rerun STAGE``), and the output folders
+    recomputed for them in this flow run: a stage reruns when it is named or when one of its inputs
+    was rerun, so everything downstream of a named stage recomputes and the rest stays cached."""
+
+    stages: frozenset[str] = frozenset()
+    recomputed: set[str] = field(default_factory=set)
+
+    def forces(self, stage: str, inputs: list[StageResult]) -> bool:
+        return stage in self.stages or any(result.output_dir in self.recomputed for result in inputs)
+
+
+def _recompute(stage: Any, config: Any, inputs: list[StageResult], context: StageContext) -> StageResult:
+    # The folder goes first: the stage's own run() reuses any folder that still has its manifest.
+    discard_stage(stage_output_dir(context.data_root, stage.name, config, inputs))
+    result = stage.with_options(refresh_cache=True)(config, inputs, context)
+    problems = verify_stage(result.output_dir)  # cheap: the manifest writer's hashes are cached in this process
+    if problems:  # a fresh folder that fails its own manifest points at the disk, not the cache
+        raise RuntimeError(f"{stage.name}: freshly written outputs in {result.output_dir} fail verification: "
+                           f"{'; '.join(problems)}")
+    return result
+
+
+def run_stage(stage: Any, config: Any, inputs: list[StageResult], context: StageContext,
+              reruns: Reruns | None = None) -> StageResult:
+    """Call a stage task. A stage named by ``--rerun`` (or downstream of one) recomputes; a reused
+    result whose folder fails verification (manifest gone, a file missing, resized or with another
+    sha256) is recomputed with the cache refreshed rather than passed downstream."""
+    if reruns is not None and reruns.forces(stage.name, inputs):
+        get_run_logger().info("%s: recomputing (--rerun %s)", stage.name, ", ".join(sorted(reruns.stages)))
+        result = _recompute(stage, config, inputs, context)
+        reruns.recomputed.add(result.output_dir)
+        return result
     result = stage(config, inputs, context)
-    if not Path(result.manifest_path).is_file():
-        get_run_logger().warning("%s: cached outputs are gone from %s; recomputing", result.stage, result.output_dir)
-        result = stage.with_options(refresh_cache=True)(config, inputs, context)
+    problems = verify_stage(result.output_dir)
+    if problems:
+        get_run_logger().warning("%s: reused outputs in %s are damaged (%s); recomputing the stage", result.stage,
+                                 result.output_dir, "; ".join(problems))
+        result = _recompute(stage, config, inputs, context)
     return result
 
 
@@ -99,10 +135,16 @@ def _pairs_found(config: PipelineConfig) -> bool:
 
 @flow(name="patchflow", log_prints=True)
 def pipeline(
-    preset: str = "demo", overrides: list[str] | None = None, data_root: str | None = None
+    preset: str = "demo", overrides: list[str] | None = None, data_root: str | None = None,
+    rerun: list[str] | None = None,
 ) -> dict[str, StageResult]:
-    """Run every enabled stage of the preset, reusing what finished before."""
+    """Run every enabled stage of the preset, reusing what finished before (and is intact), except
+    the stages named in ``rerun`` and everything downstream of them."""
     config: PipelineConfig = load_config(preset, overrides, data_root)
+    unknown = sorted(set(rerun or []) - set(STAGES))
+    if unknown:
+        raise ConfigError(f"rerun: unknown stage(s) {unknown}; allowed: {', '.join(STAGES)}")
+    reruns = Reruns(frozenset(rerun or []))
     root = Path(config.data_root)
     configure_tracking(root)
     results: dict[str, StageResult] = {}
@@ -111,26 +153,26 @@ def pipeline(
                                                   "prefect.flow_run_id": str(flow_run.get_id())}) as parent:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(config.model_dump(mode="json")).items()})
         context = StageContext(data_root=root, parent_run_id=parent.info.run_id)
-        results["shard"] = run_stage(shard_task, config.shard, [], context)
+        results["shard"] = run_stage(shard_task, config.shard, [], context, reruns)
         if "mae_pretrain" in config.stages:
-            results["mae_pretrain"] = run_stage(mae_task, config.mae, [results["shard"]], context)
+            results["mae_pretrain"] = run_stage(mae_task, config.mae, [results["shard"]], context, reruns)
         if "evaluate" in config.stages and "mae_pretrain" in results:
-            results["evaluate"] = run_stage(evaluate_task, config.evaluate, [results["shard"], results["mae_pretrain"]], context)
+            results["evaluate"] = run_stage(evaluate_task, config.evaluate, [results["shard"], results["mae_pretrain"]], context, reruns)
         # The latent-diffusion branch needs only the shards; it scores samples with the evaluation
         # stage's fine-tuned classifier when that stage ran, else trains a small one itself.
         if "vae" in config.stages:
-            results["vae"] = run_stage(vae_task, config.vae, [results["shard"]], context)
+            results["vae"] = run_stage(vae_task, config.vae, [results["shard"]], context, reruns)
         if "encode_latents" in config.stages and "vae" in results:
-            results["encode_latents"] = run_stage(latents_task, config.latents, [results["shard"], results["vae"]], context)
+            results["encode_latents"] = run_stage(latents_task, config.latents, [results["shard"], results["vae"]], context, reruns)
         if "dit_train" in config.stages and "encode_latents" in results:
             upstream = [results[name] for name in ("shard", "vae", "encode_latents", "evaluate") if name in results]
-            results["dit_train"] = run_stage(dit_task, config.dit, upstream, context)
+            results["dit_train"] = run_stage(dit_task, config.dit, upstream, context, reruns)
         # CLIP trains on the pairs dataset (its own shard run, cached on its own key); its image tower
         # starts from the MAE encoder when clip.image_init is mae. A preset without pairs runs no CLIP.
         if "clip_train" in config.stages and config.pairs is not None and _pairs_found(config):
-            results["shard_pairs"] = run_stage(shard_task, config.pairs, [], context)
+            results["shard_pairs"] = run_stage(shard_task, config.pairs, [], context, reruns)
             mae_input = [results["mae_pretrain"]] if config.clip.image_init == "mae" and "mae_pretrain" in results else []
-            results["clip_train"] = run_stage(clip_task, config.clip, [results["shard_pairs"]] + mae_input, context)
+            results["clip_train"] = run_stage(clip_task, config.clip, [results["shard_pairs"]] + mae_input, context, reruns)
         # Indexes come after the encoders: each target names a dataset and an encoder of this run
         # (checked when the config loads), and the stage reads only what its targets need.
         if "index" in config.stages and config.index.targets:
@@ -147,7 +189,7 @@ def pipeline(
             index_context = StageContext(data_root=root, parent_run_id=parent.info.run_id,
                                          extra={"index_datasets": roles})
             if targets:
-                results["index"] = run_stage(index_task, index_config, upstream, index_context)
+                results["index"] = run_stage(index_task, index_config, upstream, index_context, reruns)
         for name, result in results.items():
             mlflow.set_tag(f"stage.{name}", "reused" if result.reused else "ran")
             mlflow.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})

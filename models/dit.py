@@ -16,6 +16,7 @@ import torch.nn as nn
 from models.layers import Attention, Mlp, PatchEmbed
 # DiT's own name for the shared table (its positions have no class token).
 from models.layers import sincos_position_embedding_2d as get_2d_sincos_pos_embed
+from models.sizes import DIT_SIZES, parse_dit_name
 
 __all__ = [
     "TimestepEmbedder",
@@ -286,16 +287,6 @@ class DiT(nn.Module):
 
 # ------------------------------------------------ Named sizes
 
-#: size letter -> (hidden_size, depth, num_heads). S/B/L/XL are the paper's; T and N are CPU-sized.
-DIT_SIZES: dict[str, tuple[int, int, int]] = {
-    "XL": (1152, 28, 16),
-    "L": (1024, 24, 16),
-    "B": (768, 12, 12),
-    "S": (384, 12, 6),
-    "T": (128, 4, 4),
-    "N": (64, 2, 2),
-}
-
 
 def dit_from_name(name: str, **kwargs) -> DiT:
     """Build a DiT from a name like ``"DiT-XL/2"`` (size letter, then patch size).
@@ -309,12 +300,9 @@ def dit_from_name(name: str, **kwargs) -> DiT:
     Returns:
         The freshly initialised model.
     """
-    prefix, _, rest = name.partition("-")
-    size, _, patch = rest.partition("/")
-    if prefix != "DiT" or size not in DIT_SIZES or not patch.isdigit() or int(patch) < 1:
-        raise ValueError(f"unknown DiT name {name!r}; expected 'DiT-<size>/<patch>' with size in {sorted(DIT_SIZES)}")
+    size, patch = parse_dit_name(name)
     for fixed in ("hidden_size", "depth", "num_heads", "patch_size"):
         if fixed in kwargs:
             raise ValueError(f"{fixed} is set by the name {name!r}; do not pass it to dit_from_name")
     hidden_size, depth, num_heads = DIT_SIZES[size]
-    return DiT(patch_size=int(patch), hidden_size=hidden_size, depth=depth, num_heads=num_heads, **kwargs)
+    return DiT(patch_size=patch, hidden_size=hidden_size, depth=depth, num_heads=num_heads, **kwargs)

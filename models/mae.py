@@ -16,13 +16,12 @@ import torch.nn as nn
 
 from models.vit import (
     LAYER_NORM_EPS,
-    VIT_SIZES,
     Block,
-    ViTSize,
     VisionTransformer,
     init_transformer_weights,
     sincos_position_embedding_2d,
 )
+from models.sizes import MAE_DECODER_SIZES, VIT_SIZES
 
 __all__ = [
     "patchify",
@@ -267,20 +266,6 @@ class MaskedAutoencoder(nn.Module):
         pred = self.forward_decoder(latent, ids_restore)  # (N, L, p*p*C)
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
-
-
-# Decoders per encoder size. The paper's 512-wide, 8-deep decoder for ViT-B/L/H; smaller ones scale
-# down with the encoder so the decoder stays a fraction of the pretraining cost.
-MAE_DECODER_SIZES: dict[str, ViTSize] = {
-    "nano": ViTSize(embed_dim=64, depth=2, num_heads=4),
-    "micro": ViTSize(embed_dim=128, depth=2, num_heads=4),
-    "mini": ViTSize(embed_dim=128, depth=4, num_heads=4),
-    "tiny": ViTSize(embed_dim=256, depth=4, num_heads=8),
-    "small": ViTSize(embed_dim=256, depth=4, num_heads=8),
-    "base": ViTSize(embed_dim=512, depth=8, num_heads=16),
-    "large": ViTSize(embed_dim=512, depth=8, num_heads=16),
-    "huge": ViTSize(embed_dim=512, depth=8, num_heads=16),
-}
 
 
 def mae_from_name(

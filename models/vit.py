@@ -10,13 +10,13 @@ tokens. The same module serves as the MAE encoder (which feeds it only the visib
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn as nn
 
 from models.layers import Attention, Mlp, PatchEmbed, sincos_position_embedding_2d
+from models.sizes import VIT_SIZES, ViTSize
 
 __all__ = [
     "ViTSize",
@@ -29,30 +29,6 @@ __all__ = [
 ]
 
 LAYER_NORM_EPS = 1e-6
-
-
-@dataclass(frozen=True)
-class ViTSize:
-    """Width, depth and heads of a named ViT; the patch and image size are chosen per dataset."""
-
-    embed_dim: int
-    depth: int
-    num_heads: int
-    mlp_ratio: float = 4.0
-
-
-VIT_SIZES: dict[str, ViTSize] = {
-    # Small encoders for 28-64 px images on CPU; head width 16-64 keeps attention meaningful.
-    "nano": ViTSize(embed_dim=64, depth=4, num_heads=4),
-    "micro": ViTSize(embed_dim=128, depth=6, num_heads=4),
-    "mini": ViTSize(embed_dim=192, depth=8, num_heads=3),
-    # The published sizes (DeiT-Ti/S, ViT-B/L/H).
-    "tiny": ViTSize(embed_dim=192, depth=12, num_heads=3),
-    "small": ViTSize(embed_dim=384, depth=12, num_heads=6),
-    "base": ViTSize(embed_dim=768, depth=12, num_heads=12),
-    "large": ViTSize(embed_dim=1024, depth=24, num_heads=16),
-    "huge": ViTSize(embed_dim=1280, depth=32, num_heads=16),
-}
 
 
 #################################################################################

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from models.sizes import MAE_DECODER_SIZES, VIT_SIZES, parse_dit_name
 
 from data_shards.errors import BadInputError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "presets"
 DATA_ROOT_ENV = "PATCHFLOW_DATA_ROOT"
 DEFAULT_DATA_ROOT = ".patchflow"
+# Every VAE here (TAEF2 and the small one trained in its place) maps H x W images to H/8 x W/8 latents.
+VAE_DOWNSAMPLE = 8
 
 
 class ConfigError(BadInputError, ValueError):
@@ -28,10 +32,37 @@ class ConfigError(BadInputError, ValueError):
                     "`patchflow config --preset NAME` prints every field")
 
 
+def _takes_bool(annotation: Any) -> bool:
+    if annotation is bool:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(choice, bool) for choice in get_args(annotation))
+    return any(_takes_bool(argument) for argument in get_args(annotation))
+
+
+def _holds_bool(value: Any) -> bool:
+    return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(_holds_bool(v) for v in value))
+
+
+def _type_name(annotation: Any) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
 class StrictModel(BaseModel):
     """Base for every config section: unknown keys are errors, values are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # Pydantic's lax mode reads true as 1 and false as 0, so `--set mae.train.steps=true` would
+        # train one step; a boolean is only accepted where the field itself is a boolean.
+        annotation = cls.model_fields[info.field_name].annotation
+        if _holds_bool(value) and not _takes_bool(annotation):
+            shown = "true" if value is True else "false" if value is False else f"a boolean in {value!r}"
+            raise ValueError(f"expected {_type_name(annotation)}, got {shown} (true/false are only for yes/no fields)")
+        return value
 
 
 class SourceConfig(StrictModel):
@@ -62,6 +93,13 @@ class SourceConfig(StrictModel):
     max_train: int | None = Field(default=None, gt=0)
     max_val: int | None = Field(default=None, gt=0)
     max_test: int | None = Field(default=None, gt=0)
+
+
+def _known_vit_size(name: str) -> str:
+    """A ViT size name from models/sizes.py (one table for the config check and the model builders)."""
+    if name not in VIT_SIZES or name not in MAE_DECODER_SIZES:
+        raise ValueError(f"unknown ViT size {name!r}; allowed: {', '.join(VIT_SIZES)}")
+    return name
 
 
 class ShardConfig(StrictModel):
@@ -128,12 +166,20 @@ class MAEConfig(StrictModel):
     drop_path: float = Field(default=0.0, ge=0.0, lt=1.0)
     train: TrainConfig = TrainConfig()
 
+    @field_validator("encoder_size")
+    @classmethod
+    def _known_encoder_size(cls, value: str) -> str:
+        return _known_vit_size(value)
+
     @model_validator(mode="after")
     def _patches_tile_image(self) -> "MAEConfig":
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}"
             )
+        if self.decoder_embed_dim % self.decoder_num_heads:
+            raise ValueError(f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by decoder_num_heads "
+                             f"{self.decoder_num_heads}")
         return self
 
 
@@ -172,8 +218,9 @@ class VAEConfig(StrictModel):
 
     @model_validator(mode="after")
     def _downsamples_cleanly(self) -> "VAEConfig":
-        if self.image_size % 8:
-            raise ValueError(f"image_size {self.image_size} is not divisible by the VAE's downsampling factor 8")
+        if self.image_size % VAE_DOWNSAMPLE:
+            raise ValueError(f"image_size {self.image_size} is not divisible by the VAE's downsampling factor "
+                             f"{VAE_DOWNSAMPLE}")
         return self
 
 
@@ -233,6 +280,16 @@ class DiTConfig(StrictModel):
     classifier_steps: int = Field(default=300, gt=0, description="Steps of the scoring classifier when none exists.")
     train: DiTTrainConfig = DiTTrainConfig()
 
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        parse_dit_name(value)
+        return value
+
+    @property
+    def patch_size(self) -> int:
+        return parse_dit_name(self.model)[1]
+
     @model_validator(mode="after")
     def _guidance_needs_a_null_class(self) -> "DiTConfig":
         # Without label dropout the model never learns the null class, so guidance would extrapolate from noise.
@@ -263,6 +320,11 @@ class CLIPConfig(StrictModel):
     query_examples: int = Field(default=4, gt=0, description="Text queries in the logged top-5 retrieval picture.")
     train: TrainConfig = TrainConfig(steps=200, batch_size=64, optim=OptimConfig(
         base_lr=5e-4, lr_scaling="none", weight_decay=0.1, warmup_steps=20, betas=(0.9, 0.98)))
+
+    @field_validator("vision_size")
+    @classmethod
+    def _known_vision_size(cls, value: str) -> str:
+        return _known_vit_size(value)
 
     @model_validator(mode="after")
     def _patches_tile_image(self) -> "CLIPConfig":
@@ -327,20 +389,61 @@ class PipelineConfig(StrictModel):
     index: IndexConfig = IndexConfig()
 
     @model_validator(mode="after")
-    def _index_targets_are_built_by_this_run(self) -> "PipelineConfig":
+    def _sections_agree(self) -> "PipelineConfig":
+        # Checks across sections, so a mismatch fails at load rather than after the stages before it ran.
+        problems = [*self._evaluate_problems(), *self._dit_problems(), *self._clip_problems(), *self._index_problems()]
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
+    def _evaluate_problems(self) -> list[str]:
+        depth = VIT_SIZES[self.mae.encoder_size].depth
+        if "evaluate" not in self.stages or self.evaluate.feature_blocks <= depth:
+            return []
+        return [f"evaluate.feature_blocks={self.evaluate.feature_blocks} exceeds the depth {depth} of the "
+                f"mae.encoder_size={self.mae.encoder_size!r} encoder; allowed: 1..{depth}"]
+
+    def _dit_problems(self) -> list[str]:
+        latent_size = self.vae.image_size // VAE_DOWNSAMPLE
+        if "dit_train" not in self.stages or latent_size % self.dit.patch_size == 0:
+            return []
+        patches = [p for p in range(1, latent_size + 1) if latent_size % p == 0]
+        return [f"dit.model={self.dit.model!r}: patch size {self.dit.patch_size} does not tile the {latent_size}x"
+                f"{latent_size} latents of vae.image_size={self.vae.image_size} (/{VAE_DOWNSAMPLE}); allowed patch "
+                f"sizes: {patches}, or a vae.image_size that is a multiple of {VAE_DOWNSAMPLE * self.dit.patch_size}"]
+
+    def _clip_problems(self) -> list[str]:
+        if "clip_train" not in self.stages or self.pairs is None or self.clip.image_init != "mae":
+            return []
+        fix = "or set clip.image_init=random"
+        if "mae_pretrain" not in self.stages:
+            return [f"clip.image_init='mae' needs mae_pretrain in stages (stages: {self.stages}); add it, {fix}"]
+        pairs = [("clip.vision_size", self.clip.vision_size, "mae.encoder_size", self.mae.encoder_size),
+                 ("clip.image_size", self.clip.image_size, "mae.image_size", self.mae.image_size),
+                 ("clip.patch_size", self.clip.patch_size, "mae.patch_size", self.mae.patch_size)]
+        if self.shard.source.kind == "fashion_mnist":  # the MAE sees grey images; other sources are known only once sharded
+            pairs.append(("clip.channels", self.clip.channels, "the MAE's input channels (fashion_mnist)", 1))
+        return [f"clip.image_init='mae' starts the image tower from the MAE encoder, but {clip_field}={clip_value!r} "
+                f"differs from {mae_field}={mae_value!r}; set {clip_field}: {mae_value!r}, {fix}"
+                for clip_field, clip_value, mae_field, mae_value in pairs if clip_value != mae_value]
+
+    def _index_problems(self) -> list[str]:
         if "index" not in self.stages:
-            return self
+            return []
         has_clip = "clip_train" in self.stages and self.pairs is not None
         datasets = {"images": True, "pairs": has_clip}  # the pipeline always shards images
         encoders = {"mae": "mae_pretrain" in self.stages, "clip": has_clip}
-        for target in self.index.targets:
+        problems = []
+        for i, target in enumerate(self.index.targets):
+            where = f"index.targets[{i}] ({target.name!r})"
             if not datasets[target.dataset]:
-                raise ValueError(f"index target {target.name!r}: dataset {target.dataset!r} is not produced by this run "
-                                 f"(pairs needs a pairs: section and clip_train in stages)")
+                problems.append(f"{where}: dataset {target.dataset!r} is not produced by this run (pairs needs a "
+                                f"pairs: section and clip_train in stages; stages: {self.stages})")
             if not encoders[target.encoder]:
-                raise ValueError(f"index target {target.name!r}: encoder {target.encoder!r} is not trained by this run "
-                                 f"(stages: {self.stages})")
-        return self
+                needs = "mae_pretrain in stages" if target.encoder == "mae" else "clip_train in stages and a pairs: section"
+                problems.append(f"{where}: encoder {target.encoder!r} is not trained by this run (needs {needs}; "
+                                f"stages: {self.stages})")
+        return problems
 
 
 def available_presets() -> list[str]:
@@ -371,8 +474,10 @@ def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
 def _format_validation_error(origin: str, error: ValidationError) -> str:
     lines = [f"invalid config ({origin}):"]
     for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "<root>"
-        lines.append(f"  {where}: {item['msg']}")
+        where = ".".join(str(p) for p in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        # Checks across sections have no single location: their messages name the fields themselves.
+        lines.append(f"  {where}: {message}" if where else f"  {message}")
     return "\n".join(lines)
 
 

@@ -14,8 +14,7 @@ from pydantic import BaseModel
 
 from data_shards.atomic import write_json_atomic
 from tasks.config import StrictModel
-
-MANIFEST_NAME = "manifest.json"
+from tasks.verify import MANIFEST_NAME, describe_files  # noqa: F401  (stages import MANIFEST_NAME from here)
 
 # Bump a stage's version when its code changes what it writes: old outputs are then not reused.
 CODE_VERSIONS: dict[str, str] = {
@@ -91,6 +90,9 @@ def write_manifest(
         "config": config.model_dump(mode="json"),
         "inputs": [{"stage": r.stage, "digest": r.digest, "manifest": r.manifest_path} for r in inputs],
         "outputs": outputs,
+        # What tasks/verify.py checks before the folder is reused (not part of the digest: the same
+        # outputs keep their digest, so downstream caches survive this record being added).
+        "files": describe_files(Path(output_dir)),
         "metrics": metrics,
         "digest": digest,
         "mlflow_run_id": mlflow_run_id,

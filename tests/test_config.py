@@ -61,3 +61,47 @@ def test_stage_key_follows_config_and_upstream_outputs_only(tmp_path):
     assert key != stage_key("mae_pretrain", changed, [upstream("a")])
     assert key != stage_key("mae_pretrain", config, [upstream("b")])
     assert key != stage_key("evaluate", config, [upstream("a")])
+
+
+# Each override breaks one check that used to fail only when its stage started (or never).
+@pytest.mark.parametrize("override, message", [
+    ("mae.train.steps=true", r"mae\.train\.steps: expected int, got true"),
+    ("mae.mask_ratio=false", r"mae\.mask_ratio: expected float, got false"),
+    ("shard.source.max_train=true", r"shard\.source\.max_train: expected int \| None, got true"),
+    ("clip.train.optim.betas=[true, 0.98]", r"clip\.train\.optim\.betas: expected tuple\[float, float\], got a boolean"),
+    ("evaluate.feature_blocks=5", r"evaluate\.feature_blocks=5 exceeds the depth 4 of the mae\.encoder_size='nano' "
+                                  r"encoder; allowed: 1\.\.4"),
+    ("dit.model=DiT-N/3", r"dit\.model='DiT-N/3': patch size 3 does not tile the 4x4 latents of vae\.image_size=32 "
+                          r"\(/8\); allowed patch sizes: \[1, 2, 4\]"),
+    ("dit.model=DiT-Q/2", r"dit\.model: unknown DiT name 'DiT-Q/2'.*size in \['B', 'L', 'N', 'S', 'T', 'XL'\]"),
+    ("mae.encoder_size=gigantic", r"mae\.encoder_size: unknown ViT size 'gigantic'; allowed: nano, micro"),
+    ("clip.vision_size=gigantic", r"clip\.vision_size: unknown ViT size 'gigantic'"),
+    ("clip.vision_size=micro", r"clip\.vision_size='micro' differs from mae\.encoder_size='nano'"),
+    ("clip.image_size=32", r"clip\.image_size=32 differs from mae\.image_size=28"),
+    ("clip.patch_size=7", r"clip\.patch_size=7 differs from mae\.patch_size=4"),
+    ("clip.channels=3", r"clip\.channels=3 differs from the MAE's input channels \(fashion_mnist\)=1"),
+    ("stages=[shard, clip_train]", r"clip\.image_init='mae' needs mae_pretrain in stages"),
+    ("stages=[shard, mae_pretrain, index]", r"index\.targets\[1\] \('pairs-clip'\): dataset 'pairs' is not produced"),
+    ("mae.decoder_num_heads=3", r"decoder_embed_dim 32 is not divisible by decoder_num_heads 3"),
+])
+def test_bad_override_fails_at_load_naming_the_fields(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        load_config("smoke", [override], data_root=tmp_path)
+
+
+def test_checks_follow_the_enabled_stages(tmp_path):
+    # A mismatch in a stage that does not run is no reason to refuse the run.
+    config = load_config("smoke", ["stages=[shard, mae_pretrain]", "dit.model=DiT-N/3", "evaluate.feature_blocks=9",
+                                   "clip.vision_size=micro"], data_root=tmp_path)
+    assert config.dit.patch_size == 3
+    assert load_config("smoke", ["clip.image_init=random", "clip.vision_size=micro"], data_root=tmp_path).clip.vision_size == "micro"
+    assert load_config("smoke", ["mae.norm_pix_loss=false"], data_root=tmp_path).mae.norm_pix_loss is False
+
+
+def test_config_loading_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, tasks.config; tasks.config.load_config('demo'); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

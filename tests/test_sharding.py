@@ -175,3 +175,15 @@ def test_encoder_pool_is_not_forked_and_matches_the_serial_path(monkeypatch):
     serial = writer.encode_all(samples, workers=2)  # below the threshold: in this process
     monkeypatch.setattr(writer, "POOL_THRESHOLD", 1)
     assert writer.encode_all(samples, workers=2) == serial
+
+
+def test_missing_caption_cell_is_empty_not_the_text_none(tmp_path):
+    from data_shards.sources import open_source
+
+    # Row 3 stops after the file name: csv gives None for its caption (and group) cells.
+    folder = _caption_table(tmp_path, ["good.png\ta\tshapes", "good.png"], header="file\tname\tgroup")
+    with pytest.raises(SourceError, match=r"captions\.tsv line 3: empty caption in column 'name'"):
+        open_source(SourceConfig(kind="caption_table", path=str(folder), val_fraction=0.0), tmp_path)
+    kept = open_source(SourceConfig(kind="caption_table", path=str(folder), val_fraction=0.0, empty_captions="keep",
+                                    caption_template="{caption} | {group}"), tmp_path)
+    assert sorted(s.caption for s in kept.splits["train"]) == [" | ", "a | shapes"]
