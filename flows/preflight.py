@@ -110,7 +110,7 @@ def other_live_runs(root: Path) -> list[str]:
         try:
             owner = json.loads(record.read_text())
         except (OSError, ValueError):
-            continue  # being written right now: atomic writes make this a fresh record
+            continue  # records are written atomically: an unreadable one was not written by a run
         if owner["pid"] == os.getpid() and owner["host"] == socket.gethostname():
             continue
         if owner["host"] != socket.gethostname() or _alive(owner["pid"], owner["started"]):

@@ -111,6 +111,7 @@ def test_ctrl_c_stops_everything_with_130_and_the_next_run_resumes(tmp_path):
     code, took = _stop_and_time(process, lambda: os.killpg(process.pid, signal.SIGINT))  # the terminal's Ctrl-C
 
     output = log.read_text()
+    print(f"SIGINT to the group: exit {code} after {took:.1f} s")
     assert code == 130, output[-3000:]
     assert took < STOP_WITHIN_S, f"stopped after {took:.1f} s"
     assert not _survivors(watched, group=process.pid)
@@ -125,7 +126,8 @@ def test_ctrl_c_stops_everything_with_130_and_the_next_run_resumes(tmp_path):
     rerun = subprocess.run([*process.args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env=_cli_env(), cwd=REPO_ROOT, timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-3000:]
-    assert "removed 1 unfinished staging" in rerun.stdout and not stale.exists()
+    # At least the planted folder; a rank killed inside a checkpoint write leaves a .tmp file too.
+    assert re.search(r"removed [1-9][0-9]* unfinished staging", rerun.stdout) and not stale.exists()
     assert "resuming from step" in rerun.stdout  # training went on from its checkpoint
     assert "shard reused" in rerun.stdout or "Cached" in rerun.stdout
 
@@ -144,6 +146,7 @@ def test_sigterm_to_the_cli_exits_143_stops_the_server_and_marks_runs_killed(tmp
     code, took = _stop_and_time(process, lambda: os.kill(process.pid, signal.SIGTERM))
 
     output = log.read_text()
+    print(f"SIGTERM to the CLI: exit {code} after {took:.1f} s")
     assert code == 143, output[-3000:]
     assert took < STOP_WITHIN_S, f"stopped after {took:.1f} s"
     assert not _survivors(watched, group=process.pid)
