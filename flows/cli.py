@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from data_shards.errors import PatchflowError
+from flows.preflight import preflight
 from tasks.config import STAGES, available_presets, load_config, resolve_data_root
 
 
@@ -26,6 +27,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.preset, args.overrides, args.data_root)  # fail fast on a bad config
+    preflight(config.data_root)  # read-only/full root, broken MLflow store, leftovers of a killed run; Ctrl-C
     from flows.environment import prepare_environment
 
     prepare_environment(config.data_root)

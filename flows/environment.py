@@ -1,4 +1,4 @@
-"""Process-wide defaults that must be set before Prefect is imported."""
+"""Process-wide defaults that must be set before Prefect is imported, and Prefect's temporary server."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def prepare_environment(data_root: Path) -> None:
-    """Keep Prefect's state under the data root unless the user chose otherwise."""
+    """Keep Prefect's state under the data root unless the user chose otherwise, then start
+    Prefect's temporary API server (unless ``PREFECT_API_URL`` names a real one)."""
     os.environ.setdefault("PREFECT_HOME", str(Path(data_root) / "prefect"))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     # Machines without internet: analytics would only time out.
@@ -15,3 +16,8 @@ def prepare_environment(data_root: Path) -> None:
     # The ephemeral API server takes 9–17 s to start on 2 cores; the default 20 s is too tight.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    # Started here rather than lazily by Prefect's client: Prefect would start it where a
+    # terminal's Ctrl-C reaches it too (see flows/prefect_server.py).
+    from flows.prefect_server import start_temporary_server
+
+    start_temporary_server()

@@ -7,11 +7,15 @@ when set, so the same code logs to a real tracking server.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+import sqlite3
+import time
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 EXPERIMENT_NAME = "patchflow"
@@ -21,7 +25,12 @@ USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def tracking_uri(data_root: Path) -> str:
-    return USER_TRACKING_URI or f"sqlite:///{Path(data_root).resolve()}/mlflow.db"
+    return USER_TRACKING_URI or f"sqlite:///{store_path(data_root)}"
+
+
+def store_path(data_root: Path) -> Path:
+    """The data root's own SQLite store (used unless ``MLFLOW_TRACKING_URI`` names another)."""
+    return Path(data_root).resolve() / "mlflow.db"
 
 
 def configure_tracking(data_root: Path) -> str:
@@ -69,7 +78,15 @@ def stage_run(
     ) as run:
         if params:
             mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
-        yield run
+        try:
+            yield run
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                # Ctrl-C, SIGTERM (SystemExit, TerminationSignal): the whole pipeline stops, not just
+                # this stage, so the parent run too reads KILLED rather than FAILED.
+                while mlflow.active_run() is not None:
+                    mlflow.end_run("KILLED")
+            raise
 
 
 def log_image(image_chw: Any, artifact_file: str, upscale: int = 1) -> None:
@@ -81,3 +98,82 @@ def log_image(image_chw: Any, artifact_file: str, upscale: int = 1) -> None:
         image_chw = image_chw.repeat_interleave(upscale, dim=-2).repeat_interleave(upscale, dim=-1)
     array = (image_chw.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
     mlflow.log_image(array[..., 0] if array.shape[-1] == 1 else np.ascontiguousarray(array), artifact_file=artifact_file)
+
+
+@dataclass(frozen=True)
+class StoreHealth:
+    """What stops MLflow from opening a SQLite store (``problem``, None when it opens) and how many
+    runs the store holds."""
+
+    problem: str | None
+    runs: int
+
+
+def inspect_store(path: Path) -> StoreHealth:
+    """Compare a SQLite tracking store with the schema this MLflow writes, without changing it.
+
+    MLflow initialises a store whose tables are not all there by migrating it from scratch, so a
+    first run killed (or out of space) during that migration leaves tables that the next attempt
+    creates again: "table webhooks already exists", on every run from then on.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return StoreHealth(problem=None, runs=0)
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            revision = db.execute("SELECT version_num FROM alembic_version").fetchone() if "alembic_version" in tables else None
+            runs = db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+    except sqlite3.DatabaseError as exc:
+        return StoreHealth(problem=f"it cannot be read as an SQLite database ({exc})", runs=0)
+    if not any(not name.startswith(("alembic_", "sqlite_")) for name in tables):
+        return StoreHealth(problem=None, runs=0)  # empty: MLflow creates the tables on first use
+    expected, head = _expected_schema()
+    problems = []
+    leftovers = sorted(name for name in tables if name.startswith("_alembic_tmp_"))
+    if leftovers:
+        problems.append(f"an interrupted schema migration left table(s) {', '.join(leftovers)}")
+    missing = sorted(expected - tables)
+    if missing:
+        problems.append(f"table(s) {', '.join(missing)} are missing")
+    found = revision[0] if revision else None
+    if found != head:
+        problems.append(f"its schema version is {found}, MLflow {mlflow.__version__} expects {head}")
+    return StoreHealth(problem="; ".join(problems) or None, runs=runs)
+
+
+def _expected_schema() -> tuple[set[str], str]:
+    """The tables and the schema (alembic) revision that MLflow checks when it opens a store."""
+    import mlflow.store.db.utils as db_utils  # importing it registers every table on Base.metadata
+    from mlflow.store.db.base_sql_model import Base
+
+    return set(Base.metadata.tables), db_utils._get_latest_schema_revision()
+
+
+def set_store_aside(path: Path) -> Path:
+    """Rename a broken store (and SQLite's side files) to ``<name>.broken-<time>``; returns the new path."""
+    suffix = f".broken-{time.strftime('%Y%m%d-%H%M%S')}"
+    for side in ("", "-journal", "-wal", "-shm"):
+        source = path.with_name(path.name + side)
+        if source.exists():
+            os.replace(source, path.with_name(path.name + suffix + side))
+    return path.with_name(path.name + suffix)
+
+
+def end_stale_runs(data_root: Path, started_before: float) -> list[str]:
+    """Mark KILLED the runs of the data root's own store that still read RUNNING and started before
+    ``started_before`` (epoch seconds): runs whose process was killed before it could end them.
+    Returns their ids. A user's tracking server (``MLFLOW_TRACKING_URI``) is never touched: its
+    RUNNING runs may belong to anyone."""
+    path = store_path(data_root)
+    if USER_TRACKING_URI or not path.is_file():
+        return []
+    client = MlflowClient(f"sqlite:///{path}")
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    if not experiments:
+        return []
+    stale = client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'", run_view_type=ViewType.ALL,
+                               max_results=10_000)
+    ended = [run.info.run_id for run in stale if run.info.start_time < started_before * 1000]
+    for run_id in ended:
+        client.set_terminated(run_id, "KILLED")
+    return ended
