@@ -36,6 +36,7 @@ PROJECT_PACKAGES = ("models", "data_shards", "tasks")
 # description or a new field of another stage.
 UNHASHED_MODULES = frozenset({"tasks.config"})
 
+
 class StageResult(BaseModel):
     """What a stage hands downstream: small, serialisable, and enough to find its outputs."""
 

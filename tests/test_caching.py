@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import gzip
+import importlib
 import json
 import os
 import shutil
@@ -21,8 +22,8 @@ from data_shards import fashion_mnist
 from data_shards.samples import SourceError
 from data_shards.sources import SOURCE_UNAVAILABLE, source_fingerprint
 from tasks import shard, vae_train
-from tasks.config import CLIPConfig, DiTConfig, EvalConfig, MAEConfig, ShardConfig, SourceConfig, VAEConfig
-from tasks.stage import StageContext, StageResult, code_modules, stage_key, stage_output_dir
+from tasks.config import STAGES, CLIPConfig, DiTConfig, EvalConfig, MAEConfig, ShardConfig, SourceConfig, VAEConfig
+from tasks.stage import STAGE_MODULES, StageContext, StageResult, code_modules, stage_key, stage_output_dir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -257,6 +258,11 @@ def test_a_code_change_rekeys_the_stages_that_run_that_code_only(tmp_path):
         k: original[k] for k in ("shard", "evaluate", "dit_train")}
 
 
+def test_every_stage_names_the_module_it_runs():
+    assert set(STAGE_MODULES) == set(STAGES)
+    assert all(importlib.import_module(module).STAGE == stage for stage, module in STAGE_MODULES.items())
+
+
 def test_stage_code_is_found_by_following_its_imports():
     modules = code_modules("tasks.mae_pretrain")
     assert {"tasks.mae_pretrain", "tasks.engine", "models.mae", "models.vit", "models.layers", "data_shards.loader"} <= set(modules)
@@ -292,3 +298,24 @@ def test_execution_settings_are_ignored_in_nested_and_derived_sections_too():
     assert stage_key("evaluate", EvalConfig(finetune_train=finetune), UP) == stage_key("evaluate", evaluate, UP)
     assert stage_key("clip_train", CLIPConfig(eval_batch_size=32), UP) == stage_key("clip_train", clip, UP)
     assert stage_key("shard", ShardConfig(workers=8), [], {}) == stage_key("shard", ShardConfig(), [], {})
+
+
+# ----------------------------------------------------------------------------- through Prefect
+
+@pytest.mark.slow
+def test_scheduled_rerun_is_cached_until_the_folder_gains_an_image(prefect_harness, tmp_path):
+    from flows.pipeline import pipeline
+    from tests.test_pipeline import _task_states
+
+    folder = _image_folder(tmp_path / "images")
+    overrides = ["stages=[shard]", "shard.source.kind=image_folder", f"shard.source.path={folder}"]
+    runs = []
+    for grow in (False, False, True):
+        if grow:
+            _png(folder / "train" / "dog" / "dog9.png", 3)
+        state = pipeline(preset="smoke", overrides=overrides, data_root=str(tmp_path / "root"), return_state=True)
+        runs.append((_task_states(state.state_details.flow_run_id)["shard"], state.result()["shard"]))
+    (first_state, first), (second_state, second), (third_state, third) = runs
+    assert (first_state, second_state, third_state) == ("Completed", "Cached", "Completed")
+    assert second.output_dir == first.output_dir != third.output_dir
+    assert sum(split["num_samples"] for split in third.manifest()["outputs"]["splits"].values()) == 7
