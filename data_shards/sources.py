@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from data_shards import fashion_mnist
+from data_shards.fingerprint import content_entry, fingerprint, stat_entry, tree_entries
 from data_shards.samples import RawSample, SourceError, safe_key, split_off_validation, take_subset
 
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
@@ -280,3 +281,66 @@ SOURCES: dict[str, Callable[[Any, Path, int], PreparedSource]] = {
 def open_source(cfg: Any, data_root: Path, seed: int = 0) -> PreparedSource:
     """Read and check the source described by a ``SourceConfig``; ``seed`` picks val and subsets."""
     return SOURCES[cfg.kind](cfg, Path(data_root), seed)
+
+
+SOURCE_UNAVAILABLE = "unavailable: fetched or reported when the shard stage reads it"
+
+
+def source_fingerprint(cfg: Any, data_root: Path) -> str:
+    """A cheap fingerprint of the files a ``SourceConfig`` reads: it changes when a file is added,
+    removed, resized or touched (stat calls only), or when the caption table's bytes change.
+
+    Args:
+        cfg: the ``SourceConfig``.
+        data_root: where a Fashion-MNIST download lives (the root is not part of the fingerprint).
+
+    Returns :data:`SOURCE_UNAVAILABLE` for a source that is not there yet (Fashion-MNIST before its
+    download, a wrong path); it never fetches and never raises, so computing a key stays fast and safe.
+    """
+    if cfg.path is None and cfg.kind != "fashion_mnist":
+        return SOURCE_UNAVAILABLE
+    try:
+        return _SOURCE_FINGERPRINTS[cfg.kind](cfg, Path(data_root))
+    except (SourceError, OSError, zipfile.BadZipFile):
+        return SOURCE_UNAVAILABLE
+
+
+def _fashion_mnist_fingerprint(cfg: Any, data_root: Path) -> str:
+    folder = fashion_mnist.locate_fashion_mnist(cfg.path, data_root, allow_fetch=False)
+    # Both names each file may have (gzipped or not): which one the reader picks is then covered too.
+    names = [f"{stem}{ext}" for stem in fashion_mnist.FILES.values() for ext in (".gz", "")]
+    return fingerprint("fashion_mnist", [stat_entry(folder / name, name) for name in names])
+
+
+def _image_folder_fingerprint(cfg: Any, data_root: Path) -> str:
+    root = Path(cfg.path).expanduser()
+    if root.is_dir():
+        return fingerprint("image_folder", tree_entries(root))
+    if zipfile.is_zipfile(root):  # the central directory names every member with its size and CRC: no image is read
+        with zipfile.ZipFile(root) as archive:
+            entries = [[i.filename, i.file_size, i.CRC] for i in archive.infolist() if not i.is_dir()]
+        return fingerprint("image_zip", sorted(entries))
+    raise SourceError(f"{root}: not a folder or a zip archive")
+
+
+def _caption_table_fingerprint(cfg: Any, data_root: Path) -> str:
+    table = _find_table(Path(cfg.path).expanduser())
+    # The table is hashed (small, and its rows are the dataset); its images may sit beside it or under
+    # images/, so every other file of its folder is stat'ed (an unrelated file there costs a re-shard,
+    # never a stale one).
+    entries = [content_entry(table, table.name)] + tree_entries(table.parent, exclude=[table])
+    return fingerprint("caption_table", entries)
+
+
+def _webdataset_fingerprint(cfg: Any, data_root: Path) -> str:
+    root = Path(cfg.path).expanduser()
+    tars = sorted(root.glob("*.tar")) if root.is_dir() else [root]
+    return fingerprint("webdataset", [stat_entry(tar, tar.name) for tar in tars])
+
+
+_SOURCE_FINGERPRINTS: dict[str, Callable[[Any, Path], str]] = {
+    "fashion_mnist": _fashion_mnist_fingerprint,
+    "image_folder": _image_folder_fingerprint,
+    "caption_table": _caption_table_fingerprint,
+    "webdataset": _webdataset_fingerprint,
+}

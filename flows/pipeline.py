@@ -1,9 +1,11 @@
 """The whole patchflow DAG as one Prefect flow.
 
 Each stage is a Prefect task wrapping the stage's plain ``run`` function. The cache key is the
-stage's output-folder key (stage, code version, config, upstream output digests); a cache hit whose
-outputs were deleted or damaged since (tasks/verify.py) is recomputed, so a hit never hands a broken folder
-downstream; ``rerun`` forces named stages and their dependants to recompute. One MLflow parent run spans the flow run; each stage opens a nested run.
+stage's output-folder key (stage, a hash of its code, config, upstream output digests, fingerprints of
+files read from outside the data root); a cache hit whose outputs were deleted or damaged since
+(tasks/verify.py) is recomputed, so a hit never hands a broken folder downstream; ``rerun`` forces
+named stages and their dependants to recompute. One MLflow parent run spans the flow run; each stage
+opens a nested run.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from prefect.runtime import flow_run
 from data_shards.errors import is_transient
 from tasks import clip_train, dit_stage, evaluate, index, latents, mae_pretrain, shard, vae_train
 from tasks.config import STAGES, ConfigError, PipelineConfig, load_config
-from tasks.stage import StageContext, StageResult, stage_key, stage_output_dir
+from tasks.stage import StageContext, StageResult, stage_output_dir
 from tasks.tracking import configure_tracking, flatten
 from tasks.verify import discard_stage, verify_stage
 
@@ -31,11 +33,13 @@ StageFn = Callable[[Any, list[StageResult], StageContext], StageResult]
 
 
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Cache on what the stage's output depends on, per data root."""
+    """Cache on what the stage's output depends on, per data root: the stage's output folder name, so
+    the files it reads from outside the data root are fingerprinted before Prefect looks up its cache."""
     stage = context.task.name
     config, inputs, stage_context = parameters["config"], parameters["inputs"], parameters["context"]
     root = hashlib.sha256(str(Path(stage_context.data_root).resolve()).encode()).hexdigest()[:12]
-    return f"patchflow-{stage}-{stage_key(stage, config, inputs)}-{root}"
+    key = stage_output_dir(stage_context.data_root, stage, config, inputs).name
+    return f"patchflow-{stage}-{key}-{root}"
 
 
 @dataclass

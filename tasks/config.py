@@ -109,7 +109,8 @@ class ShardConfig(StrictModel):
     samples_per_shard: int = Field(default=2000, gt=0)
     max_shard_bytes: int = Field(default=64 * 2**20, gt=1024)
     seed: int = 0
-    workers: int = Field(default=2, ge=1, description="Processes encoding/validating images.")
+    workers: int = Field(default=2, ge=1, description="Processes encoding/validating images.",
+                         json_schema_extra={"execution_only": True})  # shards come out byte-identical
 
 
 class OptimConfig(StrictModel):
@@ -130,18 +131,26 @@ class OptimConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    """Settings the shared training engine reads, for every training stage."""
+    """Settings the shared training engine reads, for every training stage.
+
+    Fields marked ``execution_only`` change how a run executes, not what it computes, and stay out of
+    the stage key (tasks/stage.py), so changing one reuses finished outputs. num_workers changes which
+    worker slot reads which shard, so batches are drawn in another (equally seeded) order: an equally
+    valid run, not a bit-identical one, and not worth re-training for. nproc_per_node and nnodes are
+    NOT marked: the global batch is batch_size × world size, which sets the learning rate.
+    """
 
     batch_size: int = Field(default=64, gt=0, description="Per-process micro-batch size.")
     steps: int = Field(default=100, gt=0, description="Optimizer steps.")
     optim: OptimConfig = OptimConfig()
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    checkpoint_every: int = Field(default=100, gt=0)
-    keep_checkpoints: int = Field(default=2, ge=1)
-    log_every: int = Field(default=10, gt=0)
+    checkpoint_every: int = Field(default=100, gt=0, json_schema_extra={"execution_only": True})
+    keep_checkpoints: int = Field(default=2, ge=1, json_schema_extra={"execution_only": True})
+    log_every: int = Field(default=10, gt=0, json_schema_extra={"execution_only": True})
     eval_every: int = Field(default=100, gt=0)
-    num_workers: int = Field(default=1, ge=0, description="Loader worker processes per rank.")
+    num_workers: int = Field(default=1, ge=0, description="Loader worker processes per rank.",
+                             json_schema_extra={"execution_only": True})
     shuffle_buffer: int = Field(default=1000, ge=0)
     ema_decay: float | None = Field(default=None, gt=0, lt=1)
     ema_warmup: bool = Field(
@@ -149,7 +158,7 @@ class TrainConfig(StrictModel):
                                    "does not export weights that are still mostly the random init.")
     nproc_per_node: int = Field(default=1, ge=1)
     nnodes: int = Field(default=1, ge=1)
-    rdzv_endpoint: str | None = None
+    rdzv_endpoint: str | None = Field(default=None, json_schema_extra={"execution_only": True})
 
 
 class MAEConfig(StrictModel):
@@ -315,7 +324,7 @@ class CLIPConfig(StrictModel):
         default="mae", description="mae: the image tower starts from the mae_pretrain stage's encoder (geometry must match).")
     baseline: bool = Field(default=True, description="With image_init mae, also train from random init to measure the difference.")
     baseline_steps: int | None = Field(default=None, gt=0, description="Steps of the random-init baseline; None = train.steps.")
-    eval_batch_size: int = Field(default=256, gt=0)
+    eval_batch_size: int = Field(default=256, gt=0, json_schema_extra={"execution_only": True})  # whole-split eval, no drop_last
     zero_shot_templates: list[str] = ["an emoji of {label}", "{label}", "a picture in the {label} category"]
     query_examples: int = Field(default=4, gt=0, description="Text queries in the logged top-5 retrieval picture.")
     train: TrainConfig = TrainConfig(steps=200, batch_size=64, optim=OptimConfig(

@@ -11,7 +11,7 @@ from typing import TypeVar
 import mlflow
 
 from data_shards.atomic import atomic_directory
-from data_shards.sources import open_source
+from data_shards.sources import SOURCE_UNAVAILABLE, open_source, source_fingerprint
 from data_shards.writer import describe_split, encode_all, write_split
 from tasks.config import ShardConfig
 from tasks.stage import (
@@ -31,9 +31,16 @@ def shuffled(samples: list[T], seed: int, split: str) -> list[T]:
     return [samples[i] for i in order]
 
 
+def external_inputs(config: ShardConfig, data_root: Path) -> dict[str, str]:
+    """The key's view of the source: its files' names, sizes and times (and the caption table's
+    bytes), so a folder that gained, lost or changed an image is sharded again."""
+    return {"source": source_fingerprint(config.source, data_root)}
+
+
 def run(config: ShardConfig, inputs: list[StageResult], context: StageContext) -> StageResult:
-    """Shard the configured source; a finished earlier run with the same config is reused."""
-    output_dir = stage_output_dir(context.data_root, STAGE, config, inputs)
+    """Shard the configured source; a finished earlier run with the same config and source files is reused."""
+    external = external_inputs(config, context.data_root)
+    output_dir = stage_output_dir(context.data_root, STAGE, config, inputs, external)
     done = finished_result(output_dir)
     if done is not None:
         log.info("shard: reusing %s", output_dir)
@@ -41,6 +48,11 @@ def run(config: ShardConfig, inputs: list[StageResult], context: StageContext) -
 
     started = time.perf_counter()
     source = open_source(config.source, context.data_root, seed=config.seed)
+    if external["source"] == SOURCE_UNAVAILABLE:
+        # Reading fetched it (Fashion-MNIST on a fresh machine): name the shards by the files fetched,
+        # which every later run fingerprints, so the next run reuses them instead of sharding again.
+        external = external_inputs(config, context.data_root)
+        output_dir = stage_output_dir(context.data_root, STAGE, config, inputs, external)
     # Every image is encoded (and so checked) before the first shard is written, in a seeded
     # shuffled order: sources list files sorted by path, so an image folder laid out class by class
     # would otherwise give one class per shard, which no shuffle buffer can undo.
@@ -64,7 +76,7 @@ def run(config: ShardConfig, inputs: list[StageResult], context: StageContext) -
                 encode_seconds=encode_seconds,
             )
             outputs = {"splits": splits, "classes": source.classes, "source": source.description}
-            write_manifest(staging, STAGE, config, inputs, outputs, metrics, tracked.info.run_id)
+            write_manifest(staging, STAGE, config, inputs, outputs, metrics, tracked.info.run_id, external)
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(Path(output_dir) / MANIFEST_NAME))
     log.info("shard: wrote %d samples in %d shards to %s", total, int(metrics["num_shards"]), output_dir)

@@ -18,6 +18,7 @@ import torch
 
 from data_shards.errors import BadInputError
 from data_shards.atomic import sha256_file
+from data_shards.fingerprint import content_entry, fingerprint
 from data_shards.loader import LoaderSpec, evaluation_batches, split_shards, training_batches
 from models.vae import TinyAutoencoder, autoencoder_loss, freeze, load_pretrained_tiny_autoencoder, parameter_fingerprint
 from tasks.checkpoint import load_torch_file, save_torch_atomic
@@ -110,9 +111,18 @@ def load_vae(result: StageResult) -> TinyAutoencoder:
     return freeze(model)
 
 
+def external_inputs(config: VAEConfig, data_root: Path) -> dict[str, str]:
+    """The pretrained weights' bytes when the VAE is loaded rather than trained (a few MB: hashed)."""
+    if config.pretrained_dir is None:
+        return {}
+    folder = Path(config.pretrained_dir).expanduser()
+    return {"pretrained_weights": fingerprint("vae_weights", [content_entry(folder / name, name) for name in PRETRAINED_FILES])}
+
+
 def run(config: VAEConfig, inputs: list[StageResult], context: StageContext) -> StageResult:
     shards = next(r for r in inputs if r.stage == "shard")
-    output_dir = stage_output_dir(context.data_root, STAGE, config, inputs)
+    external = external_inputs(config, context.data_root)
+    output_dir = stage_output_dir(context.data_root, STAGE, config, inputs, external)
     done = finished_result(output_dir)
     if done is not None:
         return done
@@ -135,4 +145,4 @@ def run(config: VAEConfig, inputs: list[StageResult], context: StageContext) -> 
         metrics = {"val_psnr": psnr, "latent_channels": float(constructor["latent_channels"])}
         mlflow.log_metrics(metrics)
         log.info("vae: %s, val PSNR %.2f dB", "pretrained TAEF2" if outputs["pretrained"] else "trained here", psnr)
-        return write_manifest(output_dir, STAGE, config, inputs, outputs, metrics, tracked.info.run_id)
+        return write_manifest(output_dir, STAGE, config, inputs, outputs, metrics, tracked.info.run_id, external)
