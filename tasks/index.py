@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tarfile
 import time
 from dataclasses import dataclass
@@ -294,13 +293,9 @@ def tune(index: faiss.Index, vectors: np.ndarray, target: float, queries: int, s
 
 
 def write_index_atomic(index: faiss.Index, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        faiss.write_index(index, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # Serialised in memory first: faiss.write_index reports a full disk as a RuntimeError with only
+    # the errno's text, while an OSError through write_bytes_atomic becomes DiskFullError with sizes.
+    write_bytes_atomic(path, faiss.serialize_index(index).tobytes())
 
 
 # --------------------------------------------------------------------------- the stage
