@@ -28,7 +28,7 @@ class DiskFullError(PatchflowError):
     """A write ran out of space (or quota). Nothing half-written is left and the file it would have
     replaced is intact. Not transient: retrying at once fails the same way."""
 
-    default_hint = ("free space there or choose another --data-root, then run the same command again: finished "
+    default_hint = ("free space on that disk or choose another --data-root, then run the same command again: finished "
                     "stages are reused and training resumes from its newest checkpoint")
 
     def __init__(self, path: Path, reason: str, free_bytes: int | None, size: int | None, size_known: bool) -> None:
