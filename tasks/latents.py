@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import mlflow
 import torch
 import webdataset as wds
 
@@ -22,6 +21,7 @@ from data_shards.errors import BadInputError
 from data_shards.atomic import atomic_file, sha256_file, write_json_atomic
 from data_shards.loader import evaluation_batches, read_shard, split_shards
 from models.vae import parameter_fingerprint
+from tasks import tracking
 from tasks.config import LatentConfig
 from tasks.devices import stage_device
 from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
@@ -102,7 +102,7 @@ def run(config: LatentConfig, inputs: list[StageResult], context: StageContext) 
                    "classes": shards.manifest()["outputs"]["classes"], "vae_fingerprint": fingerprint}
         metrics = {"latents": float(sum(s["num_samples"] for s in splits.values())),
                    "latents_per_s": encoded / max(elapsed, 1e-9), "encoded_now": float(encoded)}
-        mlflow.log_metrics(metrics)
+        tracking.log_metrics(metrics)
         return write_manifest(output_dir, STAGE, config, inputs, outputs, metrics, tracked.info.run_id)
 
 

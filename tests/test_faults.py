@@ -7,18 +7,25 @@ it the disk fills by a budget checked inside the project's own atomic-write help
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import signal
+import socket
 import subprocess
-import uuid
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from data_shards import atomic
 from data_shards.atomic import DiskFullError, atomic_directory
 from data_shards.writer import write_split
-from tasks import mae_pretrain
+from tasks import mae_pretrain, tracking
 from tasks.checkpoint import list_checkpoints, load_latest
 from tasks.config import MAEConfig, TrainConfig
 from tasks.stage import StageContext, stage_output_dir
@@ -142,3 +149,99 @@ def test_full_disk_during_a_shard_write_names_the_folder_and_keeps_the_old_shard
     assert message.startswith(f"{final}: ") and "at least" in message and "free there" in message
     assert (final / "train-000000.tar").read_bytes() == b"the old shard"
     assert _leftovers(disk_folder) == []
+
+
+class TrackingServer:
+    """A real ``mlflow server`` on a free loopback port, over a SQLite store that outlives it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> str:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{port}"
+        log = open(self.folder / f"server-{port}.log", "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+             "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, (self.folder / f"server-{port}.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return self.uri
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"mlflow server on {self.uri} did not start")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture
+def tracking_server(tmp_path, monkeypatch):
+    server = TrackingServer(tmp_path)
+    monkeypatch.setattr(tracking, "USER_TRACKING_URI", server.start())
+    yield server
+    server.stop()
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri left it there
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+def test_tracking_server_lost_mid_training_drops_metrics_with_one_warning_and_the_stage_finishes(
+        shards, tmp_path, tracking_server, monkeypatch, caplog):
+    config = _mae_config(steps=40, checkpoint_every=20, keep_checkpoints=2, eval_every=100)
+    real_log_metrics, reached_after_stop = mlflow.log_metrics, []
+
+    def log_then_stop_the_server(metrics, step=None, **kwargs):
+        """The server is stopped right after step 10 reached it; what comes after is timed."""
+        stopped = tracking_server.process.poll() is not None
+        started = time.monotonic()
+        try:
+            real_log_metrics(metrics, step=step, **kwargs)
+        finally:
+            if stopped:
+                reached_after_stop.append((step, time.monotonic() - started))
+        if step == 10:
+            tracking_server.stop()
+
+    monkeypatch.setattr(mlflow, "log_metrics", log_then_stop_the_server)
+    monkeypatch.setattr(tracking.guard, "cooldown_s", 3600.0)  # however slow this machine, no retry in the test
+    root = tmp_path / "root"
+    with caplog.at_level(logging.WARNING, logger="patchflow.tracking"):
+        result = mae_pretrain.run(config, [shards], StageContext(data_root=root))
+
+    output = Path(result.output_dir)
+    assert (output / "encoder.pt").is_file() and Path(result.manifest_path).is_file()
+    assert result.manifest()["metrics"]["steps"] == 40.0
+    # One call found the server gone (and failed fast: MLflow's own retries take minutes); the rest
+    # were not even tried.
+    assert [step for step, _ in reached_after_stop] == [11]
+    assert reached_after_stop[0][1] < 30
+    warnings = [r.getMessage() for r in caplog.records if r.name == "patchflow.tracking"]
+    assert len(warnings) == 2, warnings
+    assert "MLflow unreachable at" in warnings[0] and "since step 11" in warnings[0]
+    # Steps 11..40, the validation loss at step 40 and the stage's final metrics; the reconstruction
+    # grid; the encoder; the run's FINISHED status.
+    assert warnings[1].startswith("mae_pretrain: MLflow unreachable since step 11")
+    assert "not logged: 32 metric batches, 1 image, 1 artifact, 1 run status" in warnings[1]
+    assert f"run {result.mlflow_run_id} still reads RUNNING" in warnings[1]
+
+    tracking_server.start()  # the same store, served again: what was logged before the stop is there
+    history = MlflowClient(tracking_server.uri).get_metric_history(result.mlflow_run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 11))
