@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sqlite3
 import time
 from collections import Counter
@@ -122,7 +123,7 @@ class TrackingGuard:
             return  # warned already: one warning per stage, the count says the rest
         where = (f"step {step}" if step is not None else f"after step {self._last_step}" if self._last_step is not None
                  else time.strftime("%H:%M:%S"))
-        self.down_since, self.error = where, str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        self.down_since, self.error = where, _reason(exc)
         log.warning("MLflow unreachable at %s since %s (%s): the stage goes on without it; MLflow is tried again "
                     "every %.0f s, and what is not logged is counted", mlflow.get_tracking_uri(), where, self.error,
                     self.cooldown_s)
@@ -136,6 +137,20 @@ class TrackingGuard:
 
 
 guard = TrackingGuard()
+
+
+def _reason(exc: Exception) -> str:
+    """"Connection refused" rather than MLflow's 400-character wrapping of urllib3's wrapping of it."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    errno_text = re.search(r"\[Errno -?\d+\] ([^\"'()\[\]]+)", text)
+    return errno_text.group(1).strip() if errno_text else text[:200]
+
+
+class _NoRetryNotes(logging.Filter):
+    """urllib3 logs a warning per retry; the guard's one warning and its count say it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Retrying (")
 
 
 def guarded(what: str, fn: Callable[[], Any], step: int | None = None) -> bool:
@@ -168,9 +183,12 @@ def set_tag(key: str, value: Any) -> None:
 def _quick_failures() -> Iterator[None]:
     added = [name for name in QUICK_FAILURE_SETTINGS if name not in os.environ]
     os.environ.update({name: QUICK_FAILURE_SETTINGS[name] for name in added})
+    quiet, urllib3_log = _NoRetryNotes(), logging.getLogger("urllib3.connectionpool")
+    urllib3_log.addFilter(quiet)
     try:
         yield
     finally:
+        urllib3_log.removeFilter(quiet)
         for name in added:
             os.environ.pop(name, None)
 

@@ -151,6 +151,42 @@ def test_full_disk_during_a_shard_write_names_the_folder_and_keeps_the_old_shard
     assert _leftovers(disk_folder) == []
 
 
+@pytest.fixture
+def dead_server(monkeypatch):
+    """A tracking URI on a loopback port nothing listens on, and a fresh guard."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(tracking, "guard", tracking.TrackingGuard())
+    yield tracking.guard
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    mlflow.set_tracking_uri(None)
+
+
+def test_unreachable_server_costs_one_quick_failure_then_calls_are_counted_not_made(dead_server, caplog):
+    with caplog.at_level(logging.WARNING), tracking._quick_failures():
+        started = time.monotonic()
+        tracking.log_metrics({"loss": 1.0}, step=7)
+        first_call = time.monotonic() - started  # MLflow's defaults: 7 retries, about two minutes
+        started = time.monotonic()
+        for step in range(8, 20):
+            tracking.log_metrics({"loss": 1.0}, step=step)
+        tracking.log_artifact(__file__)
+        skipped = time.monotonic() - started
+    assert first_call < 20 and skipped < 0.5
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name != "patchflow.tracking"] == []
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "patchflow.tracking"]
+    assert "since step 7 (Connection refused)" in warning
+    assert dead_server.summary() == "MLflow unreachable since step 7 (Connection refused): not logged: 13 metric batches, 1 artifact"
+
+
+def test_a_bug_in_a_logging_call_is_not_swallowed(dead_server):
+    with pytest.raises(ZeroDivisionError):
+        tracking.guarded("metric batch", lambda: 1 / 0)
+    assert dead_server.summary() is None
+
+
 class TrackingServer:
     """A real ``mlflow server`` on a free loopback port, over a SQLite store that outlives it."""
 
