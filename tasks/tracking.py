@@ -21,6 +21,7 @@ import mlflow
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
+from data_shards.atomic import is_disk_full
 from data_shards.errors import is_transient
 
 EXPERIMENT_NAME = "patchflow"
@@ -93,6 +94,7 @@ class TrackingGuard:
     def reset(self) -> None:
         self.dropped: Counter[str] = Counter()
         self.down_since: str | None = None
+        self.problem = "unreachable"
         self.error: str | None = None
         self._last_step: int | None = None
         self._paused_until = 0.0
@@ -107,39 +109,58 @@ class TrackingGuard:
         try:
             fn()
         except Exception as exc:
-            if not is_transient(exc):
+            outside = _outside_problem(exc)
+            if outside is None:
                 raise
-            self._failed(what, exc, step)
+            self._failed(what, step, *outside)
             return False
         if self._paused_until:
             log.info("MLflow is reachable again (down since %s); logging resumes", self.down_since)
             self._paused_until = 0.0
         return True
 
-    def _failed(self, what: str, exc: Exception, step: int | None) -> None:
+    def _failed(self, what: str, step: int | None, problem: str, reason: str) -> None:
         self.dropped[what] += 1
         self._paused_until = time.monotonic() + self.cooldown_s
         if self.down_since is not None:
             return  # warned already: one warning per stage, the count says the rest
         where = (f"step {step}" if step is not None else f"after step {self._last_step}" if self._last_step is not None
                  else time.strftime("%H:%M:%S"))
-        self.down_since, self.error = where, _reason(exc)
-        log.warning("MLflow unreachable at %s since %s (%s): the stage goes on without it; MLflow is tried again "
-                    "every %.0f s, and what is not logged is counted", mlflow.get_tracking_uri(), where, self.error,
-                    self.cooldown_s)
+        self.down_since, self.problem, self.error = where, problem, reason
+        log.warning("MLflow %s at %s since %s (%s): the stage goes on without it; MLflow is tried again "
+                    "every %.0f s, and what is not logged is counted", problem, mlflow.get_tracking_uri(), where,
+                    self.error, self.cooldown_s)
 
     def summary(self) -> str | None:
         """"MLflow unreachable since step 40 (...): not logged: 12 metric batches, 1 artifact", or None."""
         if not self.dropped:
             return None
         items = ", ".join(f"{n} {what if n == 1 else _PLURALS.get(what, what + 's')}" for what, n in self.dropped.items())
-        return f"MLflow unreachable since {self.down_since} ({self.error}): not logged: {items}"
+        return f"MLflow {self.problem} since {self.down_since} ({self.error}): not logged: {items}"
 
 
 guard = TrackingGuard()
 
 
-def _reason(exc: Exception) -> str:
+def _outside_problem(exc: BaseException) -> tuple[str, str] | None:
+    """What keeps MLflow from logging and why in a few words, when it is no fault of the call: a lost
+    server, or a full disk under the data root's own SQLite store (the next checkpoint save then
+    reports the disk). None for anything else, which is a bug to raise."""
+    if is_transient(exc):
+        return "unreachable", _reason(exc)
+    current: BaseException | None = exc
+    for _ in range(16):  # a wrapping chain is short; this only guards against cycles
+        if current is None:
+            return None
+        if is_disk_full(current):
+            return "cannot write its store", current.strerror or "no space left on device"
+        if "database or disk is full" in str(current):
+            return "cannot write its store", "database or disk is full"
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _reason(exc: BaseException) -> str:
     """"Connection refused" rather than MLflow's 400-character wrapping of urllib3's wrapping of it."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     errno_text = re.search(r"\[Errno -?\d+\] ([^\"'()\[\]]+)", text)

@@ -187,6 +187,25 @@ def test_a_bug_in_a_logging_call_is_not_swallowed(dead_server):
     assert dead_server.summary() is None
 
 
+def test_a_full_disk_under_the_tracking_store_drops_metrics_instead_of_failing_the_stage(tmp_path, small_disk, caplog):
+    root = tmp_path / "root"
+    if not small_disk(root, 2 * 1024 * 1024).mounted:
+        pytest.skip("needs a real small filesystem (root, to mount a tmpfs) for SQLite to run out of space")
+    with caplog.at_level(logging.WARNING, logger="patchflow.tracking"):
+        with tracking.stage_run("probe", root, None) as run:
+            with pytest.raises(OSError) as filling, open(root / "filler", "wb") as filler:
+                while True:
+                    filler.write(b"\0" * 65536)
+                    filler.flush()
+            assert filling.value.errno == errno.ENOSPC
+            for step in range(1, 6):
+                tracking.log_metrics({"loss": 1.0}, step=step)
+    first, last = [r.getMessage() for r in caplog.records if r.name == "patchflow.tracking"]
+    assert "MLflow cannot write its store at sqlite:///" in first and "since step 1 (database or disk is full)" in first
+    assert "not logged: 5 metric batches, 1 run status" in last and run.info.run_id in last
+    assert mlflow.active_run() is None
+
+
 class TrackingServer:
     """A real ``mlflow server`` on a free loopback port, over a SQLite store that outlives it."""
 
