@@ -81,10 +81,11 @@ _PLURALS = {"metric batch": "metric batches"}
 class TrackingGuard:
     """Runs a stage's MLflow calls so that a tracking server lost mid-run never fails or stalls it.
 
-    A call that fails on a lost connection (or a server error) is dropped with one warning; the
-    server is then not called again for ``cooldown_s`` and the calls skipped meanwhile are counted,
-    so that the stage can say at its end what is missing from MLflow. Any other MLflow error (a
-    bug, a bad value) still raises. The stage's outputs and manifest are the record; MLflow is a view.
+    A call that fails on a lost connection, a server error or a full disk under the SQLite store
+    is dropped with one warning; MLflow is then not called again for ``cooldown_s`` and the calls
+    skipped meanwhile are counted, so that the stage can say at its end what is missing from
+    MLflow. Any other error (a bug, a bad value) still raises. The stage's outputs and manifest
+    are the record; MLflow is a view of it.
     """
 
     def __init__(self, cooldown_s: float = COOLDOWN_S) -> None:
