@@ -104,7 +104,11 @@ def encode_all(samples: Sequence[RawSample], workers: int) -> list[EncodedSample
 def write_split(
     out_dir: Path, split: str, encoded: Sequence[EncodedSample], samples_per_shard: int, max_shard_bytes: int
 ) -> list[dict[str, Any]]:
-    """Write one split's shards; returns per-shard name, sample count, bytes and sha256."""
+    """Write one split's shards into ``out_dir``; returns per-shard name, sample count, bytes and sha256.
+
+    ``out_dir`` is a staging folder of :func:`~data_shards.atomic.atomic_directory`, which removes it
+    and reports a full disk (path, free space, bytes written) if a shard write fails.
+    """
     counts: list[int] = []
     pattern = str(out_dir / f"{split}-%06d.tar")
     with wds.ShardWriter(

@@ -78,9 +78,15 @@ def save_torch_atomic(path: Path, obj: Any) -> None:
 
 
 def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``state`` for ``step`` (temp file + rename), then drop all but the newest ``keep``."""
+    """Write ``state`` for ``step`` (temp file + rename), then drop all but the newest ``keep``.
+
+    Raises:
+        DiskFullError: no space for the new checkpoint; the older ones are all still there.
+    """
     path = checkpoint_path(folder, step)
     save_torch_atomic(path, state)
+    # Pruning only after the new file is in place: a failed save (a full disk) never costs the
+    # checkpoint a rerun resumes from.
     for old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return path

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 
 from data_shards.errors import BadInputError
@@ -26,6 +25,7 @@ from data_shards.atomic import sha256_file, write_json_atomic
 from data_shards.loader import LoaderSpec, evaluation_batches, split_shards, training_batches
 from models.clip import CLIP, clip_loss, load_clip, save_clip
 from models.tokenizer import Tokenizer
+from tasks import tracking
 from tasks.checkpoint import load_torch_file, save_torch_atomic
 from tasks.config import CLIPConfig
 from tasks.distributed import init_distributed, launch_training, loss_ends, run_rank, shutdown_distributed
@@ -129,7 +129,7 @@ def train_worker(job_path: Path) -> TrainSummary:
         batches=lambda epoch, skip: training_batches(loader, epoch, skip),
         config=train_config, checkpoint_dir=variant_dir / "checkpoints",
         signature={**model_kwargs(config), "mae_init": bool(spec.get("mae_encoder"))}, dist=dist,
-        log_metrics=(lambda metrics, step: mlflow.log_metrics({prefix + k: v for k, v in metrics.items()}, step=step))
+        log_metrics=(lambda metrics, step: tracking.log_metrics({prefix + k: v for k, v in metrics.items()}, step=step))
         if dist.is_main else None,
         stop_after=spec.get("stop_after"),
     )
@@ -283,10 +283,10 @@ def run(config: CLIPConfig, inputs: list[StageResult], context: StageContext) ->
             metrics["majority_zero_shot_top1"] = float(torch.bincount(labels, minlength=len(classes)).max()) / len(labels)
         metrics["val_pairs"] = float(n_val)
         metrics["truncated_captions_eval"] = float(tokenizer.truncated)
-        mlflow.log_metrics(metrics)
+        tracking.log_metrics(metrics)
         grid, listing = retrieval_picture(evaluated["trained"][1], geometry["mean"], geometry["std"], config.query_examples)
         log_image(grid, "retrieval/text_to_image_top5.png", upscale=max(1, 112 // config.image_size))
-        mlflow.log_dict({"columns": "true image | gap | top-5 retrieved (framed = the true one)", "rows": listing},
+        tracking.log_dict({"columns": "true image | gap | top-5 retrieved (framed = the true one)", "rows": listing},
                         "retrieval/text_to_image_top5.json")
 
         info = {"image_size": config.image_size, "channels": config.channels, "mean": geometry["mean"],
@@ -294,7 +294,7 @@ def run(config: CLIPConfig, inputs: list[StageResult], context: StageContext) ->
                 "model_kwargs": model_kwargs(config), "image_init": config.image_init,
                 "classes": classes, "zero_shot_templates": config.zero_shot_templates}
         save_clip(output_dir / "clip.pt", evaluated["trained"][0], tokenizer, info)
-        mlflow.log_artifact(str(output_dir / "clip.pt"))
+        tracking.log_artifact(output_dir / "clip.pt")
         outputs = {
             "model": {"path": "clip.pt", "sha256": sha256_file(output_dir / "clip.pt")},
             "embed_dim": config.embed_dim,

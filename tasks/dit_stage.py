@@ -11,7 +11,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 
 from data_shards.errors import BadInputError
@@ -20,6 +19,7 @@ from data_shards.loader import evaluation_batches
 from models.diffusion import GaussianDiffusion
 from models.dit import DiT, dit_from_name
 from models.vae import parameter_fingerprint
+from tasks import tracking
 from tasks.checkpoint import load_torch_file, save_torch_atomic
 from tasks.config import DiTConfig, OptimConfig, TrainConfig
 from tasks.devices import module_device, stage_device
@@ -166,7 +166,7 @@ def train_worker(job_path: Path) -> None:
         config=config.train, checkpoint_dir=output_dir / "checkpoints", on_eval=on_eval, dist=dist,
         signature={"model": config.model, "latent_shape": latent_outputs["latent_shape"], "classes": len(classes),
                    "learn_sigma": config.learn_sigma},
-        log_metrics=(lambda metrics, step: mlflow.log_metrics(metrics, step=step)) if dist.is_main else None,
+        log_metrics=tracking.log_metrics if dist.is_main else None,
         stop_after=job.get("stop_after")))
     if dist.is_main and summary.steps == config.train.steps:
         ema = summary.ema if summary.ema is not None else model
@@ -221,8 +221,8 @@ def run(config: DiTConfig, inputs: list[StageResult], context: StageContext) -> 
         if parameter_fingerprint(vae) != fingerprint:
             raise BadInputError(f"the frozen VAE from {vae_result.output_dir} changed during DiT training")
         metrics = {**loss_ends(summary["losses"], 20), "latents_per_s": summary["images_per_s"], "train_wall_s": summary["wall_s"], **scores}
-        mlflow.log_metrics(metrics)
-        mlflow.set_tag("quality.classifier", source)
+        tracking.log_metrics(metrics)
+        tracking.set_tag("quality.classifier", source)
         outputs: dict[str, Any] = {"dit": {"path": "dit.pt", "sha256": sha256_file(output_dir / "dit.pt")},
                                    "architecture": {"model": config.model, "latent_shape": latent_outputs["latent_shape"],
                                                     "num_classes": len(classes), "learn_sigma": config.learn_sigma},

@@ -19,6 +19,7 @@ from data_shards.errors import BadInputError
 from data_shards.atomic import sha256_file
 from data_shards.loader import LoaderSpec, evaluation_batches, split_shards
 from models.vit import VisionTransformer
+from tasks import tracking
 from tasks.config import EvalConfig
 from tasks.devices import stage_device
 from tasks.features import extract_features, random_subset, save_features
@@ -116,10 +117,10 @@ def finetune_scores(config: EvalConfig, architecture: dict, encoder_path: Path |
     scores = {f"{name}_top1": float((predicted == true).mean()), f"{name}_train_wall_s": summary["wall_s"]}
     if name == "finetune":
         matrix = confusion_matrix(predicted, true, num_classes)
-        mlflow.log_image(confusion_image(matrix), artifact_file="confusion_matrix.png")
+        tracking.guarded("image", lambda: mlflow.log_image(confusion_image(matrix), artifact_file="confusion_matrix.png"))
         per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
-        mlflow.log_dict({c: float(a) for c, a in zip(classes, per_class)}, "per_class_accuracy.json")
-        mlflow.log_metrics({f"class_accuracy/{i}": float(a) for i, a in enumerate(per_class)})
+        tracking.log_dict({c: float(a) for c, a in zip(classes, per_class)}, "per_class_accuracy.json")
+        tracking.log_metrics({f"class_accuracy/{i}": float(a) for i, a in enumerate(per_class)})
     return scores
 
 
@@ -160,7 +161,7 @@ def run(config: EvalConfig, inputs: list[StageResult], context: StageContext) ->
         metrics["linear_margin_over_pixels"] = metrics["mae_linear_top1"] - metrics["pixels_linear_top1"]
         metrics["linear_margin_over_random_init"] = metrics["mae_linear_top1"] - metrics["random_init_linear_top1"]
         metrics["knn_margin_over_random_init"] = metrics["mae_knn_top1"] - metrics["random_init_knn_top1"]
-        mlflow.log_metrics(metrics)
+        tracking.log_metrics(metrics)
         outputs: dict[str, Any] = {"features": sorted(p.name for p in features_dir.glob("*.npz")),
                                    "classes": classes, "architecture": architecture, "normalization": normalization}
         if (output_dir / "classifier.pt").is_file():

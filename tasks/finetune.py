@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import mlflow
 
 from data_shards.errors import BadInputError
 from data_shards.atomic import write_json_atomic
 from data_shards.loader import LoaderSpec, evaluation_batches, training_batches
 from models.vit import VisionTransformer, vit_from_name
+from tasks import tracking
 from tasks.checkpoint import load_torch_file, save_torch_atomic
 from tasks.config import TrainConfig
 from tasks.distributed import DistInfo, init_distributed, launch_training, run_rank, shutdown_distributed
@@ -188,7 +188,7 @@ def finetune_worker(job_path: Path) -> TrainSummary:
     loader = LoaderSpec(**{**fields, "rank": dist.rank, "world_size": dist.world_size})
     log_metrics: Callable | None = None
     if dist.is_main:
-        log_metrics = lambda m, step: mlflow.log_metrics({job.metric_prefix + k: v for k, v in m.items()}, step=step)  # noqa: E731
+        log_metrics = lambda m, step: tracking.log_metrics({job.metric_prefix + k: v for k, v in m.items()}, step=step)  # noqa: E731
     # The pooling changes the parameters, so a checkpoint of the other pooling must not resume here.
     signature = {**job.signature, "global_pool": job.global_pool}
     summary = train_classifier(model, loader, train_config, Path(job.checkpoint_dir), signature, job.layer_decay,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tarfile
 import time
 from dataclasses import dataclass
@@ -30,13 +29,13 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import faiss
-import mlflow
 import numpy as np
 import torch
 
 from data_shards.errors import BadInputError
 from data_shards.atomic import write_bytes_atomic, write_json_atomic
 from data_shards.loader import IMAGE_EXTS, LoaderSpec, evaluation_batches, split_shards
+from tasks import tracking
 from tasks.config import IndexConfig, IndexTarget
 from tasks.devices import stage_device
 from tasks.features import extract_features
@@ -294,13 +293,9 @@ def tune(index: faiss.Index, vectors: np.ndarray, target: float, queries: int, s
 
 
 def write_index_atomic(index: faiss.Index, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        faiss.write_index(index, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # Serialised in memory first: faiss.write_index reports a full disk as a RuntimeError with only
+    # the errno's text, while an OSError through write_bytes_atomic becomes DiskFullError with sizes.
+    write_bytes_atomic(path, faiss.serialize_index(index).tobytes())
 
 
 # --------------------------------------------------------------------------- the stage
@@ -387,8 +382,8 @@ def run(config: IndexConfig, inputs: list[StageResult], context: StageContext) -
                                                    output_dir, Path(context.data_root), device)
             outputs["targets"][target.name] = summary
             metrics |= {f"{target.name}/{k}": v for k, v in target_metrics.items()}
-            mlflow.log_param(f"{target.name}/factory", summary["factory"])
+            tracking.log_params({f"{target.name}/factory": summary["factory"]})
         if metrics:
-            mlflow.log_metrics(metrics)
-        mlflow.log_dict(outputs, "index_summary.json")
+            tracking.log_metrics(metrics)
+        tracking.log_dict(outputs, "index_summary.json")
         return write_manifest(output_dir, STAGE, config, inputs, outputs, metrics, tracked.info.run_id)

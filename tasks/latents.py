@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import mlflow
 import torch
 import webdataset as wds
 
 from data_shards.errors import BadInputError
-from data_shards.atomic import sha256_file, write_json_atomic
+from data_shards.atomic import atomic_file, sha256_file, write_json_atomic
 from data_shards.loader import evaluation_batches, read_shard, split_shards
 from models.vae import parameter_fingerprint
+from tasks import tracking
 from tasks.config import LatentConfig
 from tasks.devices import stage_device
 from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
@@ -44,9 +44,9 @@ def encode_shard(vae: torch.nn.Module, source: str, target: Path, image_size: in
     """Encode one image shard into one latent shard (temp file + rename) with the VAE on ``device``
     (where it must already live); returns the sample count."""
     spec = rgb01_spec((source,), image_size, batch_size)
-    partial = target.with_name(f".{target.name}.partial")
     count = 0
-    with wds.TarWriter(str(partial), mtime=0.0, user="patchflow", group="patchflow", mode=0o444) as writer:
+    with atomic_file(target) as partial, wds.TarWriter(str(partial), mtime=0.0, user="patchflow", group="patchflow",
+                                                       mode=0o444) as writer:
         for batch in evaluation_batches(spec):
             images = batch["image"].to(device)  # (N, 3, H, W)
             views = [("", images)] + ([("_flip", images.flip(-1))] if hflip else [])
@@ -55,7 +55,6 @@ def encode_shard(vae: torch.nn.Module, source: str, target: Path, image_size: in
                 for key, latent, label in zip(batch["key"], latents, batch["label"].tolist()):
                     writer.write({"__key__": key + suffix, "pth": _tensor_bytes(latent), "cls": str(label).encode()})
                     count += 1
-    partial.replace(target)
     return count
 
 
@@ -103,7 +102,7 @@ def run(config: LatentConfig, inputs: list[StageResult], context: StageContext) 
                    "classes": shards.manifest()["outputs"]["classes"], "vae_fingerprint": fingerprint}
         metrics = {"latents": float(sum(s["num_samples"] for s in splits.values())),
                    "latents_per_s": encoded / max(elapsed, 1e-9), "encoded_now": float(encoded)}
-        mlflow.log_metrics(metrics)
+        tracking.log_metrics(metrics)
         return write_manifest(output_dir, STAGE, config, inputs, outputs, metrics, tracked.info.run_id)
 
 

@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 
 from data_shards.errors import BadInputError
 from data_shards.atomic import sha256_file, write_json_atomic
 from data_shards.loader import LoaderSpec, evaluation_batches, split_shards, training_batches
 from models.mae import MaskedAutoencoder, denormalize_pred, mae_from_name, reconstruction_grid
+from tasks import tracking
 from tasks.checkpoint import save_torch_atomic
 from tasks.config import MAEConfig
 from tasks.distributed import init_distributed, launch_training, loss_ends, run_rank, shutdown_distributed
@@ -79,7 +79,7 @@ def _reconstruction_logger(config: MAEConfig, manifest: str, geometry: dict, dev
         if model.norm_pix_loss:
             pred = denormalize_pred(images, pred, model.patch_size)
         grid = reconstruction_grid(images, pred, mask, model.patch_size, mean=geometry["mean"], std=geometry["std"])
-        mlflow.log_metric("val_loss", float(loss), step=step)
+        tracking.log_metrics({"val_loss": float(loss)}, step=step)
         log_image(grid, f"reconstruction/step-{step:06d}.png")
 
     return on_eval
@@ -98,7 +98,7 @@ def train_worker(job_path: Path) -> TrainSummary:
         model=model, loss_fn=mae_loss, batches=lambda epoch, skip: training_batches(loader, epoch, skip),
         config=config.train, checkpoint_dir=output_dir / "checkpoints",
         signature=model_signature(config, geometry["channels"]), dist=dist,
-        log_metrics=(lambda metrics, step: mlflow.log_metrics(metrics, step=step)) if dist.is_main else None,
+        log_metrics=tracking.log_metrics if dist.is_main else None,
         on_eval=_reconstruction_logger(config, manifest, geometry, dist.device) if dist.is_main else None,
         stop_after=spec.get("stop_after"),
     )
@@ -137,8 +137,8 @@ def run(config: MAEConfig, inputs: list[StageResult], context: StageContext) -> 
                                   checkpoint_dir=output_dir / "checkpoints", log=log.info)
         metrics = {**loss_ends(summary["losses"], 10), "images_per_s": summary["images_per_s"], "train_wall_s": summary["wall_s"],
                    "steps": float(summary["steps"]), "resumed_from_step": float(summary["resumed_from"])}
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(output_dir / "encoder.pt"))
+        tracking.log_metrics(metrics)
+        tracking.log_artifact(output_dir / "encoder.pt")
         outputs = {
             "encoder": {"path": "encoder.pt", "sha256": sha256_file(output_dir / "encoder.pt")},
             "mae": {"path": "mae.pt", "sha256": sha256_file(output_dir / "mae.pt")},

@@ -8,11 +8,10 @@ import time
 from pathlib import Path
 from typing import TypeVar
 
-import mlflow
-
 from data_shards.atomic import atomic_directory
 from data_shards.sources import SOURCE_UNAVAILABLE, open_source, source_fingerprint
 from data_shards.writer import describe_split, encode_all, write_split
+from tasks import tracking
 from tasks.config import ShardConfig
 from tasks.stage import (
     MANIFEST_NAME, StageContext, StageResult, finished_result, result_from_manifest,
@@ -77,7 +76,7 @@ def run(config: ShardConfig, inputs: list[StageResult], context: StageContext) -
             )
             outputs = {"splits": splits, "classes": source.classes, "source": source.description}
             write_manifest(staging, STAGE, config, inputs, outputs, metrics, tracked.info.run_id, external)
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(Path(output_dir) / MANIFEST_NAME))
+        tracking.log_metrics(metrics)
+        tracking.log_artifact(Path(output_dir) / MANIFEST_NAME)
     log.info("shard: wrote %d samples in %d shards to %s", total, int(metrics["num_shards"]), output_dir)
     return result_from_manifest(Path(output_dir) / MANIFEST_NAME)

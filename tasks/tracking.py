@@ -6,22 +6,29 @@ when set, so the same code logs to a real tracking server.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sqlite3
 import time
+from collections import Counter
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import mlflow
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
+from data_shards.atomic import is_disk_full
+from data_shards.errors import is_transient
+
 EXPERIMENT_NAME = "patchflow"
 # Read once at import: mlflow.set_tracking_uri() writes this variable back into os.environ, so a
 # later read could no longer tell the user's server from the store of an earlier data root.
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+log = logging.getLogger("patchflow.tracking")
 
 
 def tracking_uri(data_root: Path) -> str:
@@ -62,6 +69,152 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# In-stage calls fail fast: MLflow's client defaults (7 retries, exponential backoff, 120 s timeout)
+# would stall training for minutes on the first call after the server went away. A user's own
+# setting of these variables wins.
+QUICK_FAILURE_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                          "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+COOLDOWN_S = 60.0  # after a failed call, the server is left alone this long; then one call tries again
+_PLURALS = {"metric batch": "metric batches"}
+
+
+class TrackingGuard:
+    """Runs a stage's MLflow calls so that a tracking server lost mid-run never fails or stalls it.
+
+    A call that fails on a lost connection, a server error or a full disk under the SQLite store
+    is dropped with one warning; MLflow is then not called again for ``cooldown_s`` and the calls
+    skipped meanwhile are counted, so that the stage can say at its end what is missing from
+    MLflow. Any other error (a bug, a bad value) still raises. The stage's outputs and manifest
+    are the record; MLflow is a view of it.
+    """
+
+    def __init__(self, cooldown_s: float = COOLDOWN_S) -> None:
+        self.cooldown_s = cooldown_s
+        self.reset()
+
+    def reset(self) -> None:
+        self.dropped: Counter[str] = Counter()
+        self.down_since: str | None = None
+        self.problem = "unreachable"
+        self.error: str | None = None
+        self._last_step: int | None = None
+        self._paused_until = 0.0
+
+    def call(self, what: str, fn: Callable[[], Any], step: int | None = None, force: bool = False) -> bool:
+        """Run ``fn`` (the MLflow call logging ``what``); False when it was dropped. ``force`` tries even
+        during the cool-down (ending a run: it is the last chance, and MLflow unstacks the run either way)."""
+        self._last_step = step if step is not None else self._last_step
+        if not force and time.monotonic() < self._paused_until:
+            self.dropped[what] += 1
+            return False
+        try:
+            fn()
+        except Exception as exc:
+            outside = _outside_problem(exc)
+            if outside is None:
+                raise
+            self._failed(what, step, *outside)
+            return False
+        if self._paused_until:
+            log.info("MLflow is reachable again (down since %s); logging resumes", self.down_since)
+            self._paused_until = 0.0
+        return True
+
+    def _failed(self, what: str, step: int | None, problem: str, reason: str) -> None:
+        self.dropped[what] += 1
+        self._paused_until = time.monotonic() + self.cooldown_s
+        if self.down_since is not None:
+            return  # warned already: one warning per stage, the count says the rest
+        where = (f"step {step}" if step is not None else f"after step {self._last_step}" if self._last_step is not None
+                 else time.strftime("%H:%M:%S"))
+        self.down_since, self.problem, self.error = where, problem, reason
+        log.warning("MLflow %s at %s since %s (%s): the stage goes on without it; MLflow is tried again "
+                    "every %.0f s, and what is not logged is counted", problem, mlflow.get_tracking_uri(), where,
+                    self.error, self.cooldown_s)
+
+    def summary(self) -> str | None:
+        """"MLflow unreachable since step 40 (...): not logged: 12 metric batches, 1 artifact", or None."""
+        if not self.dropped:
+            return None
+        items = ", ".join(f"{n} {what if n == 1 else _PLURALS.get(what, what + 's')}" for what, n in self.dropped.items())
+        return f"MLflow {self.problem} since {self.down_since} ({self.error}): not logged: {items}"
+
+
+guard = TrackingGuard()
+
+
+def _outside_problem(exc: BaseException) -> tuple[str, str] | None:
+    """What keeps MLflow from logging and why in a few words, when it is no fault of the call: a lost
+    server, or a full disk under the data root's own SQLite store (the next checkpoint save then
+    reports the disk). None for anything else, which is a bug to raise."""
+    if is_transient(exc):
+        return "unreachable", _reason(exc)
+    current: BaseException | None = exc
+    for _ in range(16):  # a wrapping chain is short; this only guards against cycles
+        if current is None:
+            return None
+        if is_disk_full(current):
+            return "cannot write its store", current.strerror or "no space left on device"
+        if "database or disk is full" in str(current):
+            return "cannot write its store", "database or disk is full"
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    """"Connection refused" rather than MLflow's 400-character wrapping of urllib3's wrapping of it."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    errno_text = re.search(r"\[Errno -?\d+\] ([^\"'()\[\]]+)", text)
+    return errno_text.group(1).strip() if errno_text else text[:200]
+
+
+class _NoRetryNotes(logging.Filter):
+    """urllib3 logs a warning per retry; the guard's one warning and its count say it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Retrying (")
+
+
+def guarded(what: str, fn: Callable[[], Any], step: int | None = None) -> bool:
+    """Run one MLflow call through the process's :class:`TrackingGuard` (for calls without a helper below)."""
+    return guard.call(what, fn, step=step)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """``mlflow.log_metrics`` that a lost server cannot fail; also the engine's ``log_metrics`` callback."""
+    guard.call("metric batch", lambda: mlflow.log_metrics(metrics, step=step), step=step)
+
+
+def log_params(params: dict[str, Any]) -> None:
+    guard.call("param batch", lambda: mlflow.log_params(params))
+
+
+def log_artifact(path: Path | str) -> None:
+    guard.call("artifact", lambda: mlflow.log_artifact(str(path)))
+
+
+def log_dict(payload: Any, artifact_file: str) -> None:
+    guard.call("artifact", lambda: mlflow.log_dict(payload, artifact_file))
+
+
+def set_tag(key: str, value: Any) -> None:
+    guard.call("tag", lambda: mlflow.set_tag(key, value))
+
+
+@contextmanager
+def _quick_failures() -> Iterator[None]:
+    added = [name for name in QUICK_FAILURE_SETTINGS if name not in os.environ]
+    os.environ.update({name: QUICK_FAILURE_SETTINGS[name] for name in added})
+    quiet, urllib3_log = _NoRetryNotes(), logging.getLogger("urllib3.connectionpool")
+    urllib3_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        urllib3_log.removeFilter(quiet)
+        for name in added:
+            os.environ.pop(name, None)
+
+
 @contextmanager
 def stage_run(
     stage: str, data_root: Path, parent_run_id: str | None, params: dict[str, Any] | None = None,
@@ -69,24 +222,45 @@ def stage_run(
 ) -> Iterator[mlflow.ActiveRun]:
     """Open the stage's MLflow run, nested under the pipeline's parent run when there is one.
 
-    ``system_metrics`` samples CPU/GPU/memory use alongside (for the training stages).
+    ``system_metrics`` samples CPU/GPU/memory use alongside (for the training stages). Inside it,
+    MLflow calls go through :data:`guard`: if the server is lost, the stage still finishes, and on
+    the way out a warning says what MLflow is missing.
     """
     configure_tracking(data_root)  # a stage called without the flow still logs under its data root
-    with mlflow.start_run(
-        run_name=stage, parent_run_id=parent_run_id, nested=parent_run_id is not None,
-        tags={"patchflow.stage": stage}, log_system_metrics=system_metrics,
-    ) as run:
-        if params:
-            mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
-        try:
-            yield run
-        except BaseException as exc:
-            if not isinstance(exc, Exception):
+    guard.reset()
+    run = mlflow.start_run(run_name=stage, parent_run_id=parent_run_id, nested=parent_run_id is not None,
+                           tags={"patchflow.stage": stage}, log_system_metrics=system_metrics)
+    status = "FAILED"
+    try:
+        with _quick_failures():
+            if params:
+                log_params({k: str(v)[:500] for k, v in flatten(params).items()})
+            try:
+                yield run
+                status = "FINISHED"
+            except BaseException as exc:
                 # Ctrl-C, SIGTERM (SystemExit, TerminationSignal): the whole pipeline stops, not just
                 # this stage, so the parent run too reads KILLED rather than FAILED.
-                while mlflow.active_run() is not None:
-                    mlflow.end_run("KILLED")
-            raise
+                status = "FAILED" if isinstance(exc, Exception) else "KILLED"
+                raise
+            finally:
+                _end_runs(run.info.run_id, status)
+    finally:
+        report = guard.summary()
+        if report:
+            unended = f"; its MLflow run {run.info.run_id} still reads RUNNING" if guard.dropped["run status"] else ""
+            log.warning("%s: %s. The stage's own outputs and manifest do not depend on MLflow%s", stage, report, unended)
+
+
+def _end_runs(run_id: str, status: str) -> None:
+    """End the stage's run (and, when KILLED, every run above it). MLflow takes a run off its stack
+    before telling the server, so a failed call still leaves the next stage a clean stack."""
+    while (active := mlflow.active_run()) is not None:
+        if status != "KILLED" and active.info.run_id != run_id:
+            return
+        guard.call("run status", lambda: mlflow.end_run(status), force=True)
+        if status != "KILLED" or mlflow.active_run() is active:
+            return
 
 
 def log_image(image_chw: Any, artifact_file: str, upscale: int = 1) -> None:
@@ -94,10 +268,14 @@ def log_image(image_chw: Any, artifact_file: str, upscale: int = 1) -> None:
     ``upscale`` times by nearest neighbour (28 px tiles are unreadable in the MLflow UI otherwise)."""
     import numpy as np
 
-    if upscale > 1:
-        image_chw = image_chw.repeat_interleave(upscale, dim=-2).repeat_interleave(upscale, dim=-1)
-    array = (image_chw.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
-    mlflow.log_image(array[..., 0] if array.shape[-1] == 1 else np.ascontiguousarray(array), artifact_file=artifact_file)
+    def log() -> None:
+        image = image_chw
+        if upscale > 1:
+            image = image.repeat_interleave(upscale, dim=-2).repeat_interleave(upscale, dim=-1)
+        array = image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+        mlflow.log_image(array[..., 0] if array.shape[-1] == 1 else np.ascontiguousarray(array), artifact_file=artifact_file)
+
+    guard.call("image", log)
 
 
 @dataclass(frozen=True)

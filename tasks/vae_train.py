@@ -13,7 +13,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 
 from data_shards.errors import BadInputError
@@ -21,6 +20,7 @@ from data_shards.atomic import sha256_file
 from data_shards.fingerprint import content_entry, fingerprint
 from data_shards.loader import LoaderSpec, evaluation_batches, split_shards, training_batches
 from models.vae import TinyAutoencoder, autoencoder_loss, freeze, load_pretrained_tiny_autoencoder, parameter_fingerprint
+from tasks import tracking
 from tasks.checkpoint import load_torch_file, save_torch_atomic
 from tasks.config import VAEConfig
 from tasks.devices import module_device, stage_device
@@ -72,7 +72,7 @@ def train_small_vae(config: VAEConfig, shards_manifest: str, output_dir: Path, d
     train(TrainJob(model=model, loss_fn=vae_loss, batches=lambda e, s: training_batches(spec, e, s),
                    config=config.train, checkpoint_dir=output_dir / "checkpoints",
                    signature={"latent_channels": config.latent_channels, "width": config.width, "image_size": config.image_size},
-                   log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step), dist=DistInfo(device=device)))
+                   log_metrics=tracking.log_metrics, dist=DistInfo(device=device)))
     return freeze(model)
 
 
@@ -143,6 +143,6 @@ def run(config: VAEConfig, inputs: list[StageResult], context: StageContext) -> 
                    "pretrained": config.pretrained_dir is not None, "latent_stats": stats, "downsample_factor": 8,
                    "image_size": config.image_size, "parameter_fingerprint": parameter_fingerprint(vae)}
         metrics = {"val_psnr": psnr, "latent_channels": float(constructor["latent_channels"])}
-        mlflow.log_metrics(metrics)
+        tracking.log_metrics(metrics)
         log.info("vae: %s, val PSNR %.2f dB", "pretrained TAEF2" if outputs["pretrained"] else "trained here", psnr)
         return write_manifest(output_dir, STAGE, config, inputs, outputs, metrics, tracked.info.run_id, external)
