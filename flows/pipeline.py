@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import mlflow
 from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.client.schemas.objects import State, TaskRun
@@ -23,10 +22,9 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
 from data_shards.errors import is_transient
-from tasks import clip_train, dit_stage, evaluate, index, latents, mae_pretrain, shard, vae_train
+from tasks import clip_train, dit_stage, evaluate, index, latents, mae_pretrain, shard, tracking, vae_train
 from tasks.config import STAGES, ConfigError, PipelineConfig, load_config
 from tasks.stage import StageContext, StageResult, stage_output_dir
-from tasks.tracking import configure_tracking, flatten
 from tasks.verify import discard_stage, verify_stage
 
 StageFn = Callable[[Any, list[StageResult], StageContext], StageResult]
@@ -133,7 +131,7 @@ def _pairs_found(config: PipelineConfig) -> bool:
         return True
     get_run_logger().warning("clip_train skipped: the pairs source %s does not exist (set pairs.source.path to a "
                              "caption table, e.g. the Twemoji pairs of the shared data folder)", path)
-    mlflow.set_tag("stage.clip_train", f"skipped: no pairs source at {path}")
+    tracking.set_tag("stage.clip_train", f"skipped: no pairs source at {path}")
     return False
 
 
@@ -150,12 +148,11 @@ def pipeline(
         raise ConfigError(f"rerun: unknown stage(s) {unknown}; allowed: {', '.join(STAGES)}")
     reruns = Reruns(frozenset(rerun or []))
     root = Path(config.data_root)
-    configure_tracking(root)
     results: dict[str, StageResult] = {}
     run_name = f"{config.preset}-{flow_run.get_name() or 'local'}"
-    with mlflow.start_run(run_name=run_name, tags={"patchflow.preset": config.preset,
-                                                  "prefect.flow_run_id": str(flow_run.get_id())}) as parent:
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten(config.model_dump(mode="json")).items()})
+    tags = {"patchflow.preset": config.preset, "prefect.flow_run_id": str(flow_run.get_id())}
+    with tracking.stage_run("pipeline", root, None, params=config.model_dump(mode="json"), run_name=run_name,
+                            tags=tags) as parent:
         context = StageContext(data_root=root, parent_run_id=parent.info.run_id)
         results["shard"] = run_stage(shard_task, config.shard, [], context, reruns)
         if "mae_pretrain" in config.stages:
@@ -195,6 +192,6 @@ def pipeline(
             if targets:
                 results["index"] = run_stage(index_task, index_config, upstream, index_context, reruns)
         for name, result in results.items():
-            mlflow.set_tag(f"stage.{name}", "reused" if result.reused else "ran")
-            mlflow.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})
+            tracking.set_tag(f"stage.{name}", "reused" if result.reused else "ran")
+            tracking.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})
     return results

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from data_shards.atomic import write_json_atomic
 from data_shards.errors import BadInputError, PatchflowError, TransientError, is_transient
 from tasks.config import TrainConfig
-from tasks.tracking import tracking_uri
+from tasks.tracking import detach_run, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -169,8 +169,11 @@ def run_rank(worker: Callable[[Path], Any], job_path: str) -> None:
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(name)s %(message)s")
     try:
         if rank == "0" and os.environ.get("MLFLOW_RUN_ID"):
-            with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]):
+            mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
+            try:
                 worker(Path(job_path))
+            finally:
+                detach_run()  # a server lost mid-training must not fail the rank as it leaves the run
         else:
             worker(Path(job_path))
     except PatchflowError as exc:

@@ -218,9 +218,10 @@ def _quick_failures() -> Iterator[None]:
 @contextmanager
 def stage_run(
     stage: str, data_root: Path, parent_run_id: str | None, params: dict[str, Any] | None = None,
-    system_metrics: bool = False,
+    system_metrics: bool = False, run_name: str | None = None, tags: dict[str, str] | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Open the stage's MLflow run, nested under the pipeline's parent run when there is one.
+    """Open the stage's MLflow run, nested under the pipeline's parent run when there is one (the
+    pipeline's own run is opened here too, with its ``run_name`` and ``tags``).
 
     ``system_metrics`` samples CPU/GPU/memory use alongside (for the training stages). Inside it,
     MLflow calls go through :data:`guard`: if the server is lost, the stage still finishes, and on
@@ -228,8 +229,9 @@ def stage_run(
     """
     configure_tracking(data_root)  # a stage called without the flow still logs under its data root
     guard.reset()
-    run = mlflow.start_run(run_name=stage, parent_run_id=parent_run_id, nested=parent_run_id is not None,
-                           tags={"patchflow.stage": stage}, log_system_metrics=system_metrics)
+    run = mlflow.start_run(run_name=run_name or stage, parent_run_id=parent_run_id, nested=parent_run_id is not None,
+                           tags=tags if tags is not None else {"patchflow.stage": stage},
+                           log_system_metrics=system_metrics)
     status = "FAILED"
     try:
         with _quick_failures():
@@ -250,6 +252,14 @@ def stage_run(
         if report:
             unended = f"; its MLflow run {run.info.run_id} still reads RUNNING" if guard.dropped["run status"] else ""
             log.warning("%s: %s. The stage's own outputs and manifest do not depend on MLflow%s", stage, report, unended)
+
+
+def detach_run() -> None:
+    """Leave the run a torchrun rank attached to (the launcher's stage run ends it), through the guard,
+    and say what this rank could not log."""
+    guard.call("run status", lambda: mlflow.end_run(), force=True)
+    if report := guard.summary():
+        log.warning("rank 0: %s", report)
 
 
 def _end_runs(run_id: str, status: str) -> None:
