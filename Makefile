@@ -25,6 +25,10 @@ bench: setup
 	$(BIN)/python benchmarks/bench_shards.py
 	$(BIN)/python benchmarks/bench_mae_step.py
 	$(BIN)/python benchmarks/bench_clip_step.py
+	$(BIN)/python benchmarks/bench_dit_step.py
+	$(BIN)/python benchmarks/bench_serve.py
+	$(BIN)/python benchmarks/bench_kills.py
+	$(BIN)/python benchmarks/bench_index.py   # 1M vectors: about 25 min on 2 cores
 
 ui: setup
 	$(BIN)/patchflow ui
