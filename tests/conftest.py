@@ -25,3 +25,13 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_leaks_into_later_subprocesses():
+    """``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``, so a test that tracked into its
+    own temporary store would send every later test's CLI subprocess there (the CLI honours the user's
+    variable). Each test starts without it."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
