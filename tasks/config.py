@@ -377,6 +377,11 @@ class IndexConfig(StrictModel):
 
 STAGES = ("shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train", "clip_train", "index")
 StageName = Literal["shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train", "clip_train", "index"]
+# The stages whose outputs a stage reads; the shard stage always runs. clip_train's MAE input and the
+# index's encoders depend on other settings and are checked with them.
+STAGE_UPSTREAM: dict[str, tuple[str, ...]] = {
+    "evaluate": ("mae_pretrain",), "encode_latents": ("vae",), "dit_train": ("vae", "encode_latents"),
+}
 
 
 class PipelineConfig(StrictModel):
@@ -400,10 +405,17 @@ class PipelineConfig(StrictModel):
     @model_validator(mode="after")
     def _sections_agree(self) -> "PipelineConfig":
         # Checks across sections, so a mismatch fails at load rather than after the stages before it ran.
-        problems = [*self._evaluate_problems(), *self._dit_problems(), *self._clip_problems(), *self._index_problems()]
+        problems = [*self._stage_list_problems(), *self._evaluate_problems(), *self._dit_problems(),
+                    *self._clip_problems(), *self._index_problems()]
         if problems:
             raise ValueError("\n  ".join(problems))
         return self
+
+    def _stage_list_problems(self) -> list[str]:
+        # A stage whose upstream is not selected would be skipped silently and the run would exit 0.
+        return [f"stages: {stage} needs {needed} (its upstream) in the stage list, which is {self.stages}; "
+                f"add {needed} (a stage that finished before is reused, not rerun)"
+                for stage in self.stages for needed in STAGE_UPSTREAM.get(stage, ()) if needed not in self.stages]
 
     def _evaluate_problems(self) -> list[str]:
         depth = VIT_SIZES[self.mae.encoder_size].depth

@@ -83,6 +83,9 @@ def test_stage_key_follows_config_and_upstream_outputs_only(tmp_path):
     ("stages=[shard, clip_train]", r"clip\.image_init='mae' needs mae_pretrain in stages"),
     ("stages=[shard, mae_pretrain, index]", r"index\.targets\[1\] \('pairs-clip'\): dataset 'pairs' is not produced"),
     ("mae.decoder_num_heads=3", r"decoder_embed_dim 32 is not divisible by decoder_num_heads 3"),
+    # A stage without its upstream would be skipped and the run would exit 0 having done nothing asked.
+    ("stages=[evaluate]", r"stages: evaluate needs mae_pretrain \(its upstream\)"),
+    ("stages=[shard, vae, dit_train]", r"stages: dit_train needs encode_latents \(its upstream\)"),
 ])
 def test_bad_override_fails_at_load_naming_the_fields(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
