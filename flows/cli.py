@@ -27,7 +27,8 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.preset, args.overrides, args.data_root)  # fail fast on a bad config
-    preflight(config.data_root)  # read-only/full root, broken MLflow store, leftovers of a killed run; Ctrl-C
+    # read-only/full root, another run on it, broken MLflow store, leftovers of a killed run; Ctrl-C
+    preflight(config.data_root, wait_for_lock=args.wait)
     from flows.environment import prepare_environment
 
     prepare_environment(config.data_root)
@@ -40,6 +41,27 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\nMLflow UI:  patchflow ui --data-root {config.data_root}")
     _print_query_commands(results, config.data_root)
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from flows.status import format_runs, recent_runs, runs_as_json
+
+    root = resolve_data_root(args.data_root)
+    runs = recent_runs(root, limit=args.n)
+    print(runs_as_json(runs) if args.json else format_runs(runs, root))
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """Run a failed or killed run again with its exact preset and overrides: finished stages come
+    back cached, and the stage that failed continues from its newest checkpoint."""
+    from flows.status import find_run
+
+    run = find_run(resolve_data_root(args.data_root), args.run)
+    print(f"resuming run {run.short_id} ({run.status}, started {run.started}): --preset {run.preset} "
+          + " ".join(f"--set {o}" for o in run.overrides))
+    return _run(argparse.Namespace(preset=run.preset, overrides=run.overrides, data_root=run.data_root, rerun=[],
+                                   wait=args.wait))
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -150,7 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rerun", action="append", default=[], choices=STAGES, metavar="STAGE",
                      help=f"recompute this stage and every stage downstream of it, even if cached (repeatable; "
                           f"one of {', '.join(STAGES)})")
+    run.add_argument("--wait", action="store_true",
+                     help="if another run holds the data root, wait for it to finish instead of refusing")
     run.set_defaults(handler=_run)
+    status = commands.add_parser("status", help="recent pipeline runs of the data root, stage by stage")
+    status.add_argument("--data-root", default=None)
+    status.add_argument("-n", type=int, default=5, help="how many runs, newest first (default 5)")
+    status.add_argument("--json", action="store_true", help="print the runs as JSON")
+    status.set_defaults(handler=_status)
+    resume = commands.add_parser("resume", help="rerun a failed or killed run with its exact config "
+                                                "(finished stages are reused, training continues from its checkpoint)")
+    resume.add_argument("run", nargs="?", default=None,
+                        help="the run id or its first characters, from `patchflow status` (default: the newest unfinished run)")
+    resume.add_argument("--data-root", default=None)
+    resume.add_argument("--wait", action="store_true", help="wait if another run holds the data root")
+    resume.set_defaults(handler=_resume)
     show = commands.add_parser("config", help="print the validated config of a preset")
     _add_config_args(show)
     show.set_defaults(handler=_show_config)

@@ -16,6 +16,10 @@ def prepare_environment(data_root: Path) -> None:
     # The ephemeral API server takes 9–17 s to start on 2 cores; the default 20 s is too tight.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    # Stage logs (training progress, torchrun output) reach the Prefect UI's flow-run page too; the
+    # same loggers used outside a flow run (preflight, the lock) stay terminal-only without a warning.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "patchflow")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     # Started here rather than lazily by Prefect's client: Prefect would start it where a
     # terminal's Ctrl-C reaches it too (see flows/prefect_server.py).
     from flows.prefect_server import start_temporary_server

@@ -11,19 +11,23 @@ opens a nested run.
 from __future__ import annotations
 
 import hashlib
+import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from prefect import Task, flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
 from data_shards.errors import is_transient
+from flows.lock import data_root_lock
 from tasks import clip_train, dit_stage, evaluate, index, latents, mae_pretrain, shard, tracking, vae_train
 from tasks.config import STAGES, ConfigError, PipelineConfig, load_config
+from tasks.registry import register_models
 from tasks.stage import StageContext, StageResult, stage_output_dir
 from tasks.verify import discard_stage, verify_stage
 
@@ -65,22 +69,53 @@ def _recompute(stage: Any, config: Any, inputs: list[StageResult], context: Stag
 
 
 def run_stage(stage: Any, config: Any, inputs: list[StageResult], context: StageContext,
-              reruns: Reruns | None = None) -> StageResult:
-    """Call a stage task. A stage named by ``--rerun`` (or downstream of one) recomputes; a reused
-    result whose folder fails verification (manifest gone, a file missing, resized or with another
-    sha256) is recomputed with the cache refreshed rather than passed downstream."""
+              reruns: Reruns | None = None, name: str | None = None) -> StageResult:
+    """Call a stage task and record on the pipeline's MLflow run how it went (``stage.<name>``:
+    running, then ran, reused or failed with the error's first line; its wall time; the MLflow run
+    that produced its outputs). ``name`` tells two runs of one task apart (``shard_pairs``)."""
+    name = name or stage.name
+    tracking.tag_run(context.parent_run_id, {f"stage.{name}": "running"})
+    started = time.monotonic()
+    try:
+        result, reused = _call_stage(stage, config, inputs, context, reruns)
+    except BaseException as exc:
+        state = f"failed: {_first_line(exc)}" if isinstance(exc, Exception) else "killed"
+        tracking.tag_run(context.parent_run_id, {f"stage.{name}": state,
+                                                 f"stage.{name}.seconds": f"{time.monotonic() - started:.1f}"})
+        raise
+    tracking.tag_run(context.parent_run_id, {f"stage.{name}": "reused" if reused else "ran",
+                                             f"stage.{name}.seconds": f"{time.monotonic() - started:.1f}",
+                                             f"stage.{name}.mlflow_run": result.mlflow_run_id or ""})
+    if not reused and result.mlflow_run_id:  # the stage's own run keeps the record of what it wrote
+        tracking.log_artifact_to(result.mlflow_run_id, result.manifest_path)
+    return result.model_copy(update={"reused": reused})
+
+
+def _first_line(exc: BaseException) -> str:
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return text[:480]
+
+
+def _call_stage(stage: Any, config: Any, inputs: list[StageResult], context: StageContext,
+                reruns: Reruns | None) -> tuple[StageResult, bool]:
+    """The stage's result and whether it was reused (a Prefect cache hit, or a finished folder the
+    stage found). A stage named by ``--rerun`` (or downstream of one) recomputes; a reused result
+    whose folder fails verification (manifest gone, a file missing, resized or with another sha256)
+    is recomputed with the cache refreshed rather than passed downstream."""
     if reruns is not None and reruns.forces(stage.name, inputs):
         get_run_logger().info("%s: recomputing (--rerun %s)", stage.name, ", ".join(sorted(reruns.stages)))
         result = _recompute(stage, config, inputs, context)
         reruns.recomputed.add(result.output_dir)
-        return result
-    result = stage(config, inputs, context)
+        return result, False
+    state = stage(config, inputs, context, return_state=True)
+    result = state.result()  # raises the stage's error when it failed
     problems = verify_stage(result.output_dir)
     if problems:
         get_run_logger().warning("%s: reused outputs in %s are damaged (%s); recomputing the stage", result.stage,
                                  result.output_dir, "; ".join(problems))
-        result = _recompute(stage, config, inputs, context)
-    return result
+        return _recompute(stage, config, inputs, context), False
+    # A Prefect cache hit hands back the result persisted when the stage first ran, reused=False and all.
+    return result, result.reused or state.name == "Cached"
 
 
 def _summarise(result: StageResult) -> None:
@@ -88,6 +123,18 @@ def _summarise(result: StageResult) -> None:
     rows.append({"metric": "output_dir", "value": result.output_dir})
     create_table_artifact(table=rows, key=f"{result.stage.replace('_', '-')}-summary",
                           description=f"patchflow stage {result.stage}")
+
+
+def flow_summary(results: dict[str, StageResult], pipeline_run: Any) -> str:
+    """The flow run's Prefect artifact: each stage's outcome and numbers, linked to its MLflow run."""
+    link = lambda run_id: tracking.run_link(pipeline_run.info.experiment_id, run_id)  # noqa: E731
+    lines = [f"# patchflow run ([MLflow]({link(pipeline_run.info.run_id)}))", "",
+             "| stage | outcome | metrics | MLflow run |", "|---|---|---|---|"]
+    for name, result in results.items():
+        numbers = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items()))
+        run = f"[{result.mlflow_run_id[:8]}]({link(result.mlflow_run_id)})" if result.mlflow_run_id else ""
+        lines.append(f"| {name} | {'reused' if result.reused else 'ran'} | {numbers} | {run} |")
+    return "\n".join(lines)
 
 
 def retry_if_transient(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -138,42 +185,66 @@ def _pairs_found(config: PipelineConfig) -> bool:
 @flow(name="patchflow", log_prints=True)
 def pipeline(
     preset: str = "demo", overrides: list[str] | None = None, data_root: str | None = None,
-    rerun: list[str] | None = None,
+    rerun: list[str] | None = None, wait_for_lock: bool = False,
 ) -> dict[str, StageResult]:
     """Run every enabled stage of the preset, reusing what finished before (and is intact), except
-    the stages named in ``rerun`` and everything downstream of them."""
+    the stages named in ``rerun`` and everything downstream of them. One run per data root at a
+    time: another run's lock refuses this one, or with ``wait_for_lock`` queues it."""
     config: PipelineConfig = load_config(preset, overrides, data_root)
     unknown = sorted(set(rerun or []) - set(STAGES))
     if unknown:
         raise ConfigError(f"rerun: unknown stage(s) {unknown}; allowed: {', '.join(STAGES)}")
-    reruns = Reruns(frozenset(rerun or []))
+    # What `patchflow resume` needs to run this again exactly (the preset as given: a name or a path).
+    launch = {"patchflow.preset": preset, "patchflow.overrides": json.dumps(list(overrides or [])),
+              "patchflow.data_root": str(Path(config.data_root).resolve())}
+    with data_root_lock(config.data_root, wait=wait_for_lock):
+        return _run_stages(config, Reruns(frozenset(rerun or [])), launch)
+
+
+def planned_stages(config: PipelineConfig) -> list[str]:
+    """The stage runs this config asks for, in the order the flow runs them (``shard_pairs``: the
+    shard stage run again on the pairs dataset)."""
+    clip = "clip_train" in config.stages and config.pairs is not None
+    return ["shard", *[s for s in STAGES[1:] if s in config.stages and s not in ("clip_train", "index")],
+            *(["shard_pairs", "clip_train"] if clip else []), *(["index"] if "index" in config.stages else [])]
+
+
+def _run_stages(config: PipelineConfig, reruns: Reruns, launch: dict[str, str]) -> dict[str, StageResult]:
     root = Path(config.data_root)
     results: dict[str, StageResult] = {}
     run_name = f"{config.preset}-{flow_run.get_name() or 'local'}"
-    tags = {"patchflow.preset": config.preset, "prefect.flow_run_id": str(flow_run.get_id())}
+    tags = {**launch, "patchflow.stage": "pipeline", "patchflow.planned": ",".join(planned_stages(config)),
+            "prefect.flow_run_id": str(flow_run.get_id())}
     with tracking.stage_run("pipeline", root, None, params=config.model_dump(mode="json"), run_name=run_name,
                             tags=tags) as parent:
         context = StageContext(data_root=root, parent_run_id=parent.info.run_id)
-        results["shard"] = run_stage(shard_task, config.shard, [], context, reruns)
+
+        def run(name: str, task: Any, stage_config: Any, inputs: list[StageResult],
+                stage_context: StageContext = context) -> None:
+            results[name] = run_stage(task, stage_config, inputs, stage_context, reruns, name=name)
+            if not results[name].reused:  # a reused model was registered when it was trained
+                register_models(name, results)
+
+        run("shard", shard_task, config.shard, [])
         if "mae_pretrain" in config.stages:
-            results["mae_pretrain"] = run_stage(mae_task, config.mae, [results["shard"]], context, reruns)
+            run("mae_pretrain", mae_task, config.mae, [results["shard"]])
         if "evaluate" in config.stages and "mae_pretrain" in results:
-            results["evaluate"] = run_stage(evaluate_task, config.evaluate, [results["shard"], results["mae_pretrain"]], context, reruns)
+            run("evaluate", evaluate_task, config.evaluate, [results["shard"], results["mae_pretrain"]])
         # The latent-diffusion branch needs only the shards; it scores samples with the evaluation
         # stage's fine-tuned classifier when that stage ran, else trains a small one itself.
         if "vae" in config.stages:
-            results["vae"] = run_stage(vae_task, config.vae, [results["shard"]], context, reruns)
+            run("vae", vae_task, config.vae, [results["shard"]])
         if "encode_latents" in config.stages and "vae" in results:
-            results["encode_latents"] = run_stage(latents_task, config.latents, [results["shard"], results["vae"]], context, reruns)
+            run("encode_latents", latents_task, config.latents, [results["shard"], results["vae"]])
         if "dit_train" in config.stages and "encode_latents" in results:
             upstream = [results[name] for name in ("shard", "vae", "encode_latents", "evaluate") if name in results]
-            results["dit_train"] = run_stage(dit_task, config.dit, upstream, context, reruns)
+            run("dit_train", dit_task, config.dit, upstream)
         # CLIP trains on the pairs dataset (its own shard run, cached on its own key); its image tower
         # starts from the MAE encoder when clip.image_init is mae. A preset without pairs runs no CLIP.
         if "clip_train" in config.stages and config.pairs is not None and _pairs_found(config):
-            results["shard_pairs"] = run_stage(shard_task, config.pairs, [], context, reruns)
+            run("shard_pairs", shard_task, config.pairs, [])
             mae_input = [results["mae_pretrain"]] if config.clip.image_init == "mae" and "mae_pretrain" in results else []
-            results["clip_train"] = run_stage(clip_task, config.clip, [results["shard_pairs"]] + mae_input, context, reruns)
+            run("clip_train", clip_task, config.clip, [results["shard_pairs"]] + mae_input)
         # Indexes come after the encoders: each target names a dataset and an encoder of this run
         # (checked when the config loads), and the stage reads only what its targets need.
         if "index" in config.stages and config.index.targets:
@@ -190,8 +261,9 @@ def pipeline(
             index_context = StageContext(data_root=root, parent_run_id=parent.info.run_id,
                                          extra={"index_datasets": roles})
             if targets:
-                results["index"] = run_stage(index_task, index_config, upstream, index_context, reruns)
-        for name, result in results.items():
-            tracking.set_tag(f"stage.{name}", "reused" if result.reused else "ran")
+                run("index", index_task, index_config, upstream, index_context)
+        for name, result in results.items():  # the runs table compares pipeline runs on these
             tracking.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})
+        create_markdown_artifact(markdown=flow_summary(results, parent), key="patchflow-run-summary",
+                                 description=f"patchflow {config.preset}: what each stage did and measured")
     return results

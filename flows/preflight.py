@@ -22,6 +22,7 @@ import psutil
 
 from data_shards.atomic import write_json_atomic
 from flows.interrupts import exit_on_signals
+from flows.lock import hold_for_process
 from tasks.config import ConfigError
 
 MIN_FREE_ENV = "PATCHFLOW_MIN_FREE_GIB"
@@ -35,12 +36,14 @@ class PreflightError(ConfigError):
     """The data root cannot hold a run; the CLI prints the message and exits 2."""
 
 
-def preflight(data_root: str | Path) -> None:
+def preflight(data_root: str | Path, wait_for_lock: bool = False) -> None:
     """Ready this process and its data root for a run; raises :class:`PreflightError` when the root is
-    unusable. Run before anything else writes under the root."""
+    unusable, :class:`flows.lock.DataRootBusy` when another run holds it (unless ``wait_for_lock``).
+    Run before anything else writes under the root."""
     exit_on_signals()
     root = Path(data_root).expanduser()
     check_writable(root)
+    hold_for_process(root, wait=wait_for_lock)  # before the clean-up: leftovers are then a dead run's
     check_free_space(root, min_free_bytes())
     check_tracking_store(root)
     started = psutil.Process().create_time()

@@ -25,7 +25,7 @@ from tasks.config import DiTConfig, OptimConfig, TrainConfig
 from tasks.devices import module_device, stage_device
 from tasks.distributed import DistInfo, init_distributed, launch_training, loss_ends, run_rank, shutdown_distributed
 from tasks.engine import TrainJob, seed_everything, train
-from tasks.finetune import build_encoder, train_classifier
+from tasks.finetune import build_encoder, load_classifier, train_classifier
 from tasks.latents import latent_batches, load_latents
 from tasks.quality import ImageClassifier, quality_scores
 from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
@@ -101,12 +101,7 @@ def scoring_classifier(inputs: list[StageResult], shards: StageResult, image_siz
     (on ``device``, where the returned classifier lives either way)."""
     evaluation = next((r for r in inputs if r.stage == "evaluate"), None)
     if evaluation is not None and "classifier" in evaluation.manifest()["outputs"]:
-        outputs = evaluation.manifest()["outputs"]
-        classifier = outputs["classifier"]
-        model = build_encoder(outputs["architecture"], num_classes=classifier["num_classes"],
-                              global_pool=classifier.get("global_pool"))
-        model.load_state_dict(load_torch_file(Path(evaluation.output_dir) / classifier["path"]))
-        arch, norm = outputs["architecture"], outputs["normalization"]
+        model, arch, norm = load_classifier(evaluation)
         return ImageClassifier(model.to(device), arch["image_size"], arch["in_chans"], tuple(norm["mean"]),
                                tuple(norm["std"])), "evaluate"
     architecture = {"encoder_size": "nano", "image_size": image_size, "patch_size": 4, "in_chans": 3}

@@ -31,6 +31,7 @@ from tasks.checkpoint import load_torch_file, save_torch_atomic
 from tasks.config import TrainConfig
 from tasks.distributed import DistInfo, init_distributed, launch_training, run_rank, shutdown_distributed
 from tasks.engine import TrainJob, TrainSummary, no_weight_decay, seed_everything, train
+from tasks.stage import StageResult
 
 log = logging.getLogger("patchflow.finetune")
 
@@ -85,6 +86,16 @@ def load_encoder_weights(model: VisionTransformer, path: Path) -> tuple[list[str
     if new or dropped:
         log.info("loaded %s: left new %s, not loaded %s", path, new, dropped)
     return new, dropped
+
+
+def load_classifier(evaluation: StageResult) -> tuple[VisionTransformer, dict[str, Any], dict[str, Any]]:
+    """The evaluate stage's fine-tuned classifier (eval mode), with its architecture and normalisation."""
+    outputs = evaluation.manifest()["outputs"]
+    classifier = outputs["classifier"]
+    model = build_encoder(outputs["architecture"], num_classes=classifier["num_classes"],
+                          global_pool=classifier.get("global_pool"))
+    model.load_state_dict(load_torch_file(Path(evaluation.output_dir) / classifier["path"]))
+    return model.eval(), outputs["architecture"], outputs["normalization"]
 
 
 def init_head(model: VisionTransformer, std: float = HEAD_INIT_STD) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import mlflow
-from mlflow.entities import ViewType
+from mlflow.entities import RunTag, ViewType
 from mlflow.tracking import MlflowClient
 
 from data_shards.atomic import is_disk_full
@@ -199,6 +199,24 @@ def log_dict(payload: Any, artifact_file: str) -> None:
 
 def set_tag(key: str, value: Any) -> None:
     guard.call("tag", lambda: mlflow.set_tag(key, value))
+
+
+def tag_run(run_id: str | None, tags: dict[str, str]) -> None:
+    """Tag a run other than the active one (the pipeline's run, from inside the flow); no-op without a run."""
+    if run_id:
+        batch = [RunTag(key, str(value)) for key, value in tags.items()]
+        guard.call("tag", lambda: MlflowClient(mlflow.get_tracking_uri()).log_batch(run_id, tags=batch))
+
+
+def run_link(experiment_id: str, run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The run's page in the MLflow UI: the user's tracking server, else ``patchflow ui``'s default address."""
+    base = USER_TRACKING_URI if USER_TRACKING_URI and USER_TRACKING_URI.startswith("http") else ui
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def log_artifact_to(run_id: str, path: Path | str) -> None:
+    """Log a file to a run that has ended (a stage's run, with the manifest it wrote last)."""
+    guard.call("artifact", lambda: MlflowClient(mlflow.get_tracking_uri()).log_artifact(run_id, str(path)))
 
 
 @contextmanager

@@ -5,7 +5,9 @@ import shutil
 from pathlib import Path
 
 import mlflow
+import mlflow.pytorch
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from tests._shared_data import require_shared
@@ -67,6 +69,30 @@ def test_second_pipeline_run_is_cached_and_mlflow_has_nested_runs(prefect_harnes
     assert child.data.metrics["train_samples"] == 512
     assert "manifest.json" in [a.path for a in client.list_artifacts(child.info.run_id)]
     assert parents[0].data.params["mae.mask_ratio"] == "0.75"
+    # The pipeline's run says what each stage did: ran the first time, reused (with a link to the run
+    # that produced the outputs) after, recomputed where the outputs were gone.
+    first_run, second_run, third_run = sorted(parents, key=lambda r: r.info.start_time)
+    assert {f"stage.{n}" for n in stages} <= set(first_run.data.tags)
+    assert all(first_run.data.tags[f"stage.{n}"] == "ran" for n in stages)
+    assert all(second_run.data.tags[f"stage.{n}"] == "reused" for n in stages)
+    assert second_run.data.tags["stage.mae_pretrain.mlflow_run"] == first_run.data.tags["stage.mae_pretrain.mlflow_run"]
+    assert third_run.data.tags["stage.dit_train"] == "ran" and third_run.data.tags["stage.evaluate"] == "reused"
+    assert "evaluate.linear_margin_over_pixels" in first_run.data.metrics  # headline numbers on the parent run
+    for name in stages - {"shard", "dit_train"}:  # every stage's run keeps its manifest
+        child = next(c for c in children if c.data.tags["patchflow.stage"] == name)
+        assert "manifest.json" in [a.path for a in client.list_artifacts(child.info.run_id)], name
+
+    # The trained models are registered: loadable by alias, one version per distinct set of weights.
+    encoder = mlflow.pytorch.load_model("models:/patchflow-mae-encoder@champion")
+    assert encoder(torch.zeros(2, 1, 28, 28)).shape == (2, encoder.embed_dim)
+    classifier = mlflow.pytorch.load_model("models:/patchflow-classifier/latest")
+    assert classifier(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    for name in ("patchflow-mae-encoder", "patchflow-classifier", "patchflow-clip", "patchflow-dit"):
+        (version,) = client.search_model_versions(f"name = '{name}'")  # the rerun DiT has the same digest
+        assert str(client.get_model_version_by_alias(name, "champion").version) == str(version.version)
+        assert "metric." + {"patchflow-mae-encoder": "mae_linear_top1", "patchflow-classifier": "finetune_top1",
+                            "patchflow-clip": "trained_t2i_recall_at_10", "patchflow-dit": "sample_accuracy"}[name] \
+            in version.tags
     mlflow.set_tracking_uri("")  # do not leak this store into other tests
 
 
