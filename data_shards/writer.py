@@ -18,6 +18,7 @@ import webdataset as wds
 from PIL import Image, ImageStat
 
 from data_shards.atomic import sha256_file
+from data_shards.progress import progress
 from data_shards.samples import RawSample, SourceError
 
 # Below this many samples a process pool costs more than it saves.
@@ -115,7 +116,7 @@ def write_split(
         pattern, maxcount=samples_per_shard, maxsize=max_shard_bytes, verbose=0,
         mtime=0.0, user="patchflow", group="patchflow", mode=0o444,
     ) as writer:
-        for sample in encoded:
+        for sample in progress(encoded, f"shard: writing {split}", len(encoded)):
             shard_before = writer.shard
             writer.write({"__key__": sample.key, **sample.files})
             if writer.shard != shard_before or not counts:

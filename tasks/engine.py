@@ -61,6 +61,22 @@ class TrainJob:
     stop_after: int | None = None  # end this process early at this step (tests simulate a kill with it)
 
 
+def _job_label(checkpoint_dir: Path) -> str:
+    """"mae_pretrain" or "evaluate/finetune": what the log line is about, read off the run directory
+    (``<root>/stages/<stage>/<key>/[<part>/]checkpoints``)."""
+    parts = Path(checkpoint_dir).parts
+    if "stages" not in parts or len(parts) < parts.index("stages") + 3:
+        return "train"
+    stage_at = parts.index("stages") + 1
+    return "/".join([parts[stage_at], *parts[stage_at + 2:-1]])
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 @dataclass
 class TrainSummary:
     steps: int
@@ -242,7 +258,9 @@ def train(job: TrainJob) -> TrainSummary:
             window_start, window_images = now, 0
             lr = max(group["lr"] for group in optimizer.param_groups)
             job.log_metrics({"loss": step_loss, "lr": lr, "images_per_s": rate, **metrics}, step)
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.0f images/s", step, cfg.steps, step_loss, lr, rate)
+            eta = (now - started) / max(step - resumed_from, 1) * (cfg.steps - step)
+            log.info("%s rank %d/%d: step %d/%d  loss %.4f  lr %.2e  %.0f images/s  ETA %s", _job_label(job.checkpoint_dir),
+                     dist.rank, dist.world_size, step, cfg.steps, step_loss, lr, rate, _clock(eta))
         if job.on_eval and dist.is_main and (step % cfg.eval_every == 0 or step == cfg.steps):
             job.on_eval(ema if ema is not None else core, step)
             model.train()

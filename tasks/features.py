@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from data_shards.atomic import write_bytes_atomic
+from data_shards.progress import progress
 from models.vit import VisionTransformer
 
 __all__ = ["POOLS", "extract_features", "random_subset", "save_features", "load_features"]
@@ -88,7 +89,7 @@ def extract_features(
     pooled: dict[str, list[np.ndarray]] = {how: [] for how in pools}
     labels: list[np.ndarray] = []
     with _eval_mode(encoder):
-        for batch in batches:
+        for batch in progress(batches, "features: batches"):
             images = torch.as_tensor(batch["image"]).to(device, non_blocking=True)  # (N, C, H, W)
             with _autocast(device):
                 per_block = encoder.forward_last_blocks(images, blocks)[::-1]  # blocks x (N, 1 + L, D)

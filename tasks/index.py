@@ -32,6 +32,7 @@ import faiss
 import numpy as np
 import torch
 
+from data_shards.progress import progress
 from data_shards.errors import BadInputError
 from data_shards.atomic import write_bytes_atomic, write_json_atomic
 from data_shards.loader import IMAGE_EXTS, LoaderSpec, evaluation_batches, split_shards
@@ -180,7 +181,7 @@ def embed_split(embedder: Embedder, shards: tuple[str, ...], out_dir: Path, batc
     out_dir.mkdir(parents=True, exist_ok=True)
     embedded_now: list[str] = []
     vectors, rows = [], []
-    for shard in map(Path, shards):
+    for shard in map(Path, progress(shards, f"index: embedding {out_dir.name}", len(shards))):
         stem = out_dir / shard.name
         if not (stem.with_suffix(".npy").is_file() and stem.with_suffix(".json").is_file()):
             count = embed_shard(embedder, shard, out_dir, batch_size)

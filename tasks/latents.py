@@ -18,6 +18,7 @@ import torch
 import webdataset as wds
 
 from data_shards.errors import BadInputError
+from data_shards.progress import progress
 from data_shards.atomic import atomic_file, sha256_file, write_json_atomic
 from data_shards.loader import evaluation_batches, read_shard, split_shards
 from models.vae import parameter_fingerprint
@@ -82,7 +83,8 @@ def run(config: LatentConfig, inputs: list[StageResult], context: StageContext) 
     with stage_run(STAGE, context.data_root, context.parent_run_id, params=config.model_dump(mode="json")) as tracked:
         for split in config.splits:
             entries = []
-            for index, source in enumerate(split_shards(shards.manifest_path, split)):
+            sources = split_shards(shards.manifest_path, split)
+            for index, source in enumerate(progress(sources, f"encode_latents: {split} shards", len(sources))):
                 target = output_dir / f"{split}-{index:06d}.tar"
                 if target.is_file() and _sidecar(target).is_file():
                     count = json.loads(_sidecar(target).read_text())["samples"]  # finished by an earlier attempt
