@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import mlflow
 import torch
 import torch.distributed as dist
 
-from data_shards.atomic import write_json_atomic
+from data_shards.atomic import write_bytes_atomic, write_json_atomic
 from data_shards.errors import BadInputError, PatchflowError, TransientError, is_transient
 from tasks.config import TrainConfig
 from tasks.tracking import detach_run, tracking_uri
@@ -81,6 +82,16 @@ def torchrun_command(
     return command + ["-m", module, *module_args]
 
 
+def write_join_script(job_path: Path, command: list[str], env: dict[str, str]) -> Path:
+    """``<job>.join.sh`` beside the job file: the torchrun agent another node starts to join this
+    stage's training (same rendezvous, same job; whichever node's rank 0 it gets logs to the run)."""
+    exports = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
+    script = job_path.with_suffix(".join.sh")
+    write_bytes_atomic(script, f"#!/bin/sh\n# joins {job_path.parent.name}'s training as one more node\n"
+                               f"{exports}exec {shlex.join(command)}\n".encode())
+    return script
+
+
 def run_torchrun(command: list[str], log: Callable[[str], None] | None = None, env: dict[str, str] | None = None) -> None:
     """Run torchrun in its own process group, streaming its output; stop all of it on interrupt.
 
@@ -127,8 +138,14 @@ def launch_training(module: str, worker: Callable[[Path], Any], job_path: Path, 
         command = torchrun_command(module, [str(job_path)], train.nproc_per_node, train.nnodes, train.rdzv_endpoint)
         for stale in rank_error_paths(job_path):
             stale.unlink()
+        env = {"MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": tracking_uri(data_root)}
+        if train.nnodes > 1:
+            join = write_join_script(job_path, command, env)
+            (log or logging.getLogger("patchflow.torchrun").info)(
+                f"waiting for {train.nnodes - 1} more node(s) to join the rendezvous at {train.rdzv_endpoint}: on each, "
+                f"with the data root mounted at the same path, run: sh {join}")
         try:
-            run_torchrun(command, log=log, env={"MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": tracking_uri(data_root)})
+            run_torchrun(command, log=log, env=env)
         except RuntimeError as exc:
             failure = rank_failure(job_path)
             if failure is None:

@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -227,3 +229,38 @@ def test_a_damaged_shard_read_by_a_torchrun_rank_reaches_the_launcher_as_that_er
     with pytest.raises(BadInputError, match=r"ShardError on rank \d: .*train-\d+\.tar") as caught:
         _pretrain(damaged, tmp_path, _mae_config(steps=4, nproc_per_node=2, num_workers=0))
     assert caught.value.hint and "shard" in caught.value.hint
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_match_one_node_of_two(shards, tmp_path):
+    """Training past one machine: two torchrun agents meet at a c10d rendezvous on a loopback port,
+    the second started from the join script the stage writes, as another node would; the loss
+    curve and weights equal one node running two processes."""
+    import socket
+    import subprocess
+    import threading
+
+    from tasks.stage import stage_output_dir
+
+    one_node = _pretrain(shards, tmp_path / "one", _mae_config(steps=6, nproc_per_node=2, num_workers=0))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = _mae_config(steps=6, nproc_per_node=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", num_workers=0)
+    root = tmp_path / "two"
+    outcome: dict = {}
+    first = threading.Thread(target=lambda: outcome.update(result=_pretrain(shards, root, config)))
+    first.start()  # node A: the stage itself, waiting at the rendezvous
+    join = stage_output_dir(root, "mae_pretrain", config, [shards]) / "job.join.sh"
+    deadline = time.monotonic() + 120
+    while not join.is_file():
+        assert first.is_alive() and time.monotonic() < deadline, "the stage wrote no join script"
+        time.sleep(0.2)
+    node_b = subprocess.run(["sh", str(join)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    first.join(timeout=300)
+    assert node_b.returncode == 0, node_b.stdout[-2000:] + node_b.stderr[-2000:]
+    two_nodes = outcome["result"]
+    assert _curve(two_nodes)["losses"] == _curve(one_node)["losses"]
+    weights = [torch.load(Path(r.output_dir) / "encoder.pt") for r in (one_node, two_nodes)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
