@@ -133,9 +133,11 @@ def format_runs(runs: list[PipelineRun], data_root: str | Path) -> str:
         lines.append(f"run {run.short_id}  {run.status:8s} preset {run.preset} {overrides}".rstrip())
         lines.append(f"    started {run.started}, took {_duration(run.seconds) or '(still running)'}; "
                      f"MLflow run {run.run_id}, Prefect flow run {run.flow_run_id}")
+        width = max((len(_one_line(stage.state, 70)) for stage in run.stages), default=0)
         for stage in run.stages:
             produced = f"  MLflow {stage.mlflow_run_id[:8]}" if stage.mlflow_run_id else ""
-            lines.append(f"    {stage.name:15s} {_one_line(stage.state, 70):70s} {_duration(stage.seconds):>8s}{produced}")
+            line = f"    {stage.name:15s} {_one_line(stage.state, 70):{width}s} {_duration(stage.seconds):>8s}{produced}"
+            lines.append(line.rstrip())
         if run.status in ("FAILED", "KILLED"):
             lines.append(f"    resume: patchflow resume {run.short_id} --data-root {run.data_root}")
         lines.append("")

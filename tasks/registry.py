@@ -14,10 +14,11 @@ A version whose weights are already registered (same output digest) is not regis
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import mlflow
 import numpy as np
@@ -141,7 +142,7 @@ def _register(registration: Registration, judge: StageResult, source: StageResul
             if existing.tags.get("patchflow.digest") == source.digest:
                 return f"{name} v{existing.version} (already registered)"
     built = registration.build(source)
-    with mlflow.start_run(run_id=judge.mlflow_run_id, nested=mlflow.active_run() is not None):
+    with mlflow.start_run(run_id=judge.mlflow_run_id, nested=mlflow.active_run() is not None), _pickle_notice_off():
         info = mlflow.pytorch.log_model(built.module, name=registration.name.removeprefix("patchflow-"),
                                         signature=built.signature, input_example=built.input_example,
                                         pip_requirements=PIP_REQUIREMENTS,
@@ -157,6 +158,19 @@ def _register(registration: Registration, judge: StageResult, source: StageResul
     log.info("registered %s v%s (%s=%.4g%s)", name, version, registration.quality, score,
              ", champion" if champion is None or score > champion else f"; champion stays at {champion:.4g}")
     return f"{name} v{version}"
+
+
+@contextlib.contextmanager
+def _pickle_notice_off() -> Iterator[None]:
+    """MLflow warns on every pickled model that unpickling runs code; these are our own models, loaded
+    from our own store, so the warning would only repeat once per model in every run's output."""
+    logger = logging.getLogger("mlflow.pytorch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _champion_score(client: MlflowClient, name: str, quality: str) -> float | None:
