@@ -16,15 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
+import warnings
 from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
+
+log = logging.getLogger("patchflow.probes")
 
 __all__ = [
     "DEFAULT_CS", "check_labels", "top_k_accuracy", "knn_class_scores", "knn_classify",
@@ -265,15 +270,27 @@ def logistic_regression_probe(
     # Warm starts make the sweep cheap: each weaker-C optimum starts from the previous one.
     model = LogisticRegression(solver="lbfgs", max_iter=max_iter, random_state=seed, warm_start=True)
     best_C, best_val, best_model = Cs[0], -1.0, model
-    with _single_threaded():
+    unconverged: list[float] = []
+    with _single_threaded(), warnings.catch_warnings(record=True) as caught:
+        # One summary line instead of sklearn's multi-line warning per fit that hit max_iter.
+        warnings.simplefilter("always", ConvergenceWarning)
         for C in sorted(Cs):
+            seen = len(caught)
             model.set_params(C=C).fit(train_s, train_y)
+            if any(issubclass(w.category, ConvergenceWarning) for w in caught[seen:]):
+                unconverged.append(C)
             val_top1 = float(model.score(val_s, val_y))
             if val_top1 > best_val:
                 best_C, best_val, best_model = C, val_top1, copy.deepcopy(model)
         if refit_on_train_val:
             best_model = LogisticRegression(solver="lbfgs", C=best_C, max_iter=max_iter, random_state=seed)
             best_model.fit(np.concatenate([train_s, val_s]), np.concatenate([train_y, val_y]))
+    for other in (w for w in caught if not issubclass(w.category, ConvergenceWarning)):
+        warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
+    if unconverged:
+        log.info("logistic regression: %d of %d fits stopped at max_iter=%d (C=%s); each warm-starts the next, "
+                 "and C is chosen on val either way", len(unconverged), len(Cs), max_iter,
+                 ", ".join(f"{c:g}" for c in unconverged))
     # Columns of predict_proba follow the classes seen in fitting; widen to all classes for top-k.
     scores = np.zeros((test_s.shape[0], num_classes))
     scores[:, best_model.classes_] = best_model.predict_proba(test_s)

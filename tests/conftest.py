@@ -35,3 +35,19 @@ def _no_tracking_uri_leaks_into_later_subprocesses():
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     yield
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture
+def tracking_server(tmp_path, monkeypatch):
+    """A real ``mlflow server`` on a loopback port that the stages log to (as ``MLFLOW_TRACKING_URI``)."""
+    import mlflow
+
+    from tasks import tracking
+    from tests.helpers import TrackingServer
+
+    server = TrackingServer(tmp_path)
+    monkeypatch.setattr(tracking, "USER_TRACKING_URI", server.start())
+    yield server
+    server.stop()
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri left it there
+    mlflow.set_tracking_uri(None)

@@ -9,12 +9,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -204,57 +201,6 @@ def test_a_full_disk_under_the_tracking_store_drops_metrics_instead_of_failing_t
     assert "MLflow cannot write its store at sqlite:///" in first and "since step 1 (database or disk is full)" in first
     assert "not logged: 5 metric batches, 1 run status" in last and run.info.run_id in last
     assert mlflow.active_run() is None
-
-
-class TrackingServer:
-    """A real ``mlflow server`` on a free loopback port, over a SQLite store that outlives it."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> str:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.uri = f"http://127.0.0.1:{port}"
-        log = open(self.folder / f"server-{port}.log", "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
-             "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, (self.folder / f"server-{port}.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        return self.uri
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError(f"mlflow server on {self.uri} did not start")
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
-@pytest.fixture
-def tracking_server(tmp_path, monkeypatch):
-    server = TrackingServer(tmp_path)
-    monkeypatch.setattr(tracking, "USER_TRACKING_URI", server.start())
-    yield server
-    server.stop()
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri left it there
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.mark.slow

@@ -109,3 +109,31 @@ def test_missing_pairs_source_skips_clip_and_says_so(prefect_harness, tmp_path):
                  if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.tags["stage.clip_train"] == f"skipped: no pairs source at {tmp_path / 'no-such-table'}"
     mlflow.set_tracking_uri("")
+
+
+def test_a_real_tracking_server_gets_the_runs_metrics_and_registered_models(prefect_harness, tracking_server, tmp_path):
+    """The same flow against a real ``mlflow server`` on a loopback port (MLFLOW_TRACKING_URI): the
+    pipeline's run, its nested stage runs and metrics, and a registered model version are read back
+    through MLflow's client, and the champion encoder loads through the server."""
+    from flows.pipeline import pipeline
+    from flows.status import recent_runs
+
+    overrides = [f"shard.source.path={require_shared('fashion-mnist')}", "stages=[shard,mae_pretrain,evaluate]"]
+    state = pipeline(preset="smoke", overrides=overrides, data_root=str(tmp_path / "root"), return_state=True)
+    assert state.is_completed()
+    assert not (tmp_path / "root" / "mlflow.db").exists()  # nothing went to the local store
+
+    client = MlflowClient(tracking_server.uri)
+    experiment = client.get_experiment_by_name("patchflow")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`patchflow.stage` = 'pipeline'")
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["patchflow.stage"] for c in children) == ["evaluate", "mae_pretrain", "shard"]
+    assert parent.info.status == "FINISHED" and "evaluate.mae_linear_top1" in parent.data.metrics
+    assert len(client.get_metric_history(next(c.info.run_id for c in children
+                                              if c.data.tags["patchflow.stage"] == "mae_pretrain"), "loss")) > 1
+    version = client.get_model_version_by_alias("patchflow-mae-encoder", "champion")
+    assert version.run_id == next(c.info.run_id for c in children if c.data.tags["patchflow.stage"] == "evaluate")
+    encoder = mlflow.pytorch.load_model("models:/patchflow-mae-encoder@champion")
+    assert encoder(torch.zeros(1, 1, 28, 28)).shape == (1, encoder.embed_dim)
+    (run,) = recent_runs(tmp_path / "root")  # status reads the same server
+    assert [(s.name, s.state) for s in run.stages] == [("shard", "ran"), ("mae_pretrain", "ran"), ("evaluate", "ran")]

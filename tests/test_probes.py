@@ -284,3 +284,16 @@ def test_evaluation_features_take_a_random_subset_on_the_stage_device(monkeypatc
         evaluate.frozen_feature_scores(EvalConfig(), encoder, {"train": LoaderSpec(shard_paths=(), batch_size=8)},
                                        tmp_path, "mae", device="meta")
     assert calls == [("meta", "meta")]
+
+
+def test_fits_that_hit_max_iter_are_summarised_in_one_line(blobs, caplog, recwarn):
+    import logging
+
+    x, y = blobs["train"]
+    with caplog.at_level(logging.INFO, logger="patchflow.probes"):
+        result = logistic_regression_probe(x, y, *blobs["val"], *blobs["test"], Cs=(0.1, 100.0), max_iter=1)
+    assert "top1" in result
+    assert [r.getMessage() for r in caplog.records if "stopped at max_iter=1" in r.getMessage()] == [
+        "logistic regression: 2 of 2 fits stopped at max_iter=1 (C=0.1, 100); each warm-starts the next, "
+        "and C is chosen on val either way"]
+    assert not [w for w in recwarn if "lbfgs failed to converge" in str(w.message)]
