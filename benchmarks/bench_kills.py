@@ -120,7 +120,7 @@ def _child(root: str, until: str, sets: list[str]) -> None:
 
 # ----------------------------------------------------------------------------- watching and killing
 
-STEP_LINE = re.compile(r"^patchflow\.engine step (\d+)/(\d+) ")
+STEP_LINE = re.compile(r"^patchflow\.engine \S+ rank \d+/\d+: step (\d+)/(\d+) ")
 RESUME_LINE = re.compile(r"^patchflow\.engine resuming from step (\d+) .* in (\S+)$")
 
 
