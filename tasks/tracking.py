@@ -50,7 +50,9 @@ def configure_tracking(data_root: Path) -> str:
     if experiment is None:
         # Artifacts beside the SQLite store, not in whatever folder the user happened to start in.
         location = None if USER_TRACKING_URI else (Path(data_root).resolve() / "mlartifacts").as_uri()
-        experiment_id = client.create_experiment(EXPERIMENT_NAME, artifact_location=location)
+        # The UI opens a "model training" experiment on its runs table, not on the GenAI trace views.
+        experiment_id = client.create_experiment(EXPERIMENT_NAME, artifact_location=location,
+                                                 tags={"mlflow.experimentKind": "custom_model_development"})
     else:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
