@@ -82,6 +82,12 @@ def test_second_pipeline_run_is_cached_and_mlflow_has_nested_runs(prefect_harnes
         child = next(c for c in children if c.data.tags["patchflow.stage"] == name)
         assert "manifest.json" in [a.path for a in client.list_artifacts(child.info.run_id)], name
 
+    # The flow run's Prefect artifact summarises the stages with links to their MLflow runs.
+    from prefect.artifacts import Artifact
+
+    summary = Artifact.get("patchflow-run-summary", _sync=True)
+    assert "| evaluate | reused |" in summary.data and "#/experiments/" in summary.data
+
     # The trained models are registered: loadable by alias, one version per distinct set of weights.
     encoder = mlflow.pytorch.load_model("models:/patchflow-mae-encoder@champion")
     assert encoder(torch.zeros(2, 1, 28, 28)).shape == (2, encoder.embed_dim)
