@@ -28,6 +28,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_dit_step.py
 	$(BIN)/python benchmarks/bench_serve.py
 	$(BIN)/python benchmarks/bench_kills.py
+	$(BIN)/python benchmarks/bench_orchestration.py
 	$(BIN)/python benchmarks/bench_index.py   # 1M vectors: about 25 min on 2 cores
 
 ui: setup
