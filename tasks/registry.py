@@ -137,10 +137,9 @@ def register_models(stage: str, results: dict[str, StageResult]) -> list[str]:
 def _register(registration: Registration, judge: StageResult, source: StageResult) -> str:
     client = MlflowClient(mlflow.get_tracking_uri())
     name = registration.name
-    if client.search_registered_models(f"name = '{name}'"):
-        for existing in client.search_model_versions(f"name = '{name}'"):
-            if existing.tags.get("patchflow.digest") == source.digest:
-                return f"{name} v{existing.version} (already registered)"
+    for existing in client.search_model_versions(f"name = '{name}'"):  # none before the first registration
+        if existing.tags.get("patchflow.digest") == source.digest:
+            return f"{name} v{existing.version} (already registered)"
     built = registration.build(source)
     with mlflow.start_run(run_id=judge.mlflow_run_id, nested=mlflow.active_run() is not None), _pickle_notice_off():
         info = mlflow.pytorch.log_model(built.module, name=registration.name.removeprefix("patchflow-"),
