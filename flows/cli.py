@@ -156,12 +156,7 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import faiss
     import uvicorn
-
-    # One query is one vector: OpenMP's threads only add start-up cost to it, and concurrent
-    # requests (each on a thread of its own) already keep the cores busy.
-    faiss.omp_set_num_threads(1)
 
     from flows.serve import create_app
 
