@@ -8,26 +8,21 @@ other live run uses the data root.
 
 from __future__ import annotations
 
-import atexit
 import errno
-import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
 import psutil
 
-from data_shards.atomic import write_json_atomic
 from flows.interrupts import exit_on_signals
 from flows.lock import hold_for_process
 from tasks.config import ConfigError
 
 MIN_FREE_ENV = "PATCHFLOW_MIN_FREE_GIB"
 DEFAULT_MIN_FREE_GIB = 1.0
-ACTIVE_DIR = "active-runs"
 
 log = logging.getLogger("patchflow.preflight")
 
@@ -46,9 +41,7 @@ def preflight(data_root: str | Path, wait_for_lock: bool = False) -> None:
     hold_for_process(root, wait=wait_for_lock)  # before the clean-up: leftovers are then a dead run's
     check_free_space(root, min_free_bytes())
     check_tracking_store(root)
-    started = psutil.Process().create_time()
-    clean_up_after_killed_runs(root, started_before=started)
-    atexit.register(record_this_run(root, os.getpid(), started).unlink, missing_ok=True)
+    clean_up_after_killed_runs(root, started_before=psutil.Process().create_time())
 
 
 def check_writable(root: Path) -> None:
@@ -105,56 +98,14 @@ def check_tracking_store(root: Path) -> None:
         f"run: mlflow db upgrade sqlite:///{path}. To start a fresh store instead: mv {path} {path}.broken")
 
 
-def other_live_runs(root: Path) -> list[str]:
-    """Other patchflow processes recorded as running on this data root ("pid N on host H");
-    records of processes that have ended are removed."""
-    live = []
-    for record in sorted((root / ACTIVE_DIR).glob("*.json")):
-        try:
-            owner = json.loads(record.read_text())
-        except (OSError, ValueError):
-            continue  # records are written atomically: an unreadable one was not written by a run
-        if owner["pid"] == os.getpid() and owner["host"] == socket.gethostname():
-            continue
-        if owner["host"] != socket.gethostname() or _alive(owner["pid"], owner["started"]):
-            # Another host's process cannot be checked from here: assume it runs.
-            live.append(f"pid {owner['pid']} on {owner['host']}, record {record}")
-        else:
-            record.unlink(missing_ok=True)
-    return live
-
-
-def _alive(pid: int, started: float) -> bool:
-    """Whether ``pid`` is still the process that wrote the record (not a later one given its number)."""
-    try:
-        return abs(psutil.Process(pid).create_time() - started) < 1.0
-    except psutil.Error:
-        return False
-
-
-def record_this_run(root: Path, pid: int, started: float) -> Path:
-    """Note a run's process (this one, in a run) under ``<root>/active-runs/`` so that a run started
-    meanwhile leaves its staging folders and MLflow runs alone; returns the record's path."""
-    record = root / ACTIVE_DIR / f"{socket.gethostname()}-{pid}.json"
-    write_json_atomic(record, {"pid": pid, "host": socket.gethostname(), "started": started})
-    return record
-
-
 def clean_up_after_killed_runs(root: Path, started_before: float) -> None:
-    """Remove staging leftovers and end RUNNING MLflow runs that predate ``started_before``, unless
-    another live patchflow process uses the root (its staging folders and runs are in use).
+    """Remove staging leftovers and end RUNNING MLflow runs that predate ``started_before``.
 
-    There is no lock on a data root: the records under ``active-runs/`` (pid, host, process start
-    time, so a reused pid does not count) are how a run knows whether the leftovers can be its
-    predecessors' only.
+    Called only while this process holds the data root's lock (flows/lock.py), so no live run can
+    own them: they are a killed run's.
     """
     from tasks.tracking import end_stale_runs
 
-    others = other_live_runs(root)
-    if others:
-        log.warning("another patchflow run uses %s (%s): leaving staging folders and RUNNING MLflow runs alone",
-                    root, "; ".join(others))
-        return
     removed = remove_stale_staging(root, started_before)
     if removed:
         log.warning("removed %d unfinished staging folder(s)/file(s) left by an interrupted run under %s",

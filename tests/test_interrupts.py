@@ -20,9 +20,9 @@ from typing import Iterator
 import psutil
 import pytest
 
+from flows import lock
 from flows.preflight import (
-    PreflightError, check_free_space, check_tracking_store, clean_up_after_killed_runs, min_free_bytes,
-    record_this_run,
+    PreflightError, check_free_space, check_tracking_store, clean_up_after_killed_runs, min_free_bytes, preflight,
 )
 from tasks.tracking import inspect_store
 from tests._shared_data import REPO_ROOT, require_shared
@@ -154,7 +154,7 @@ def test_sigterm_to_the_cli_exits_143_stops_the_server_and_marks_runs_killed(tmp
     runs = client.search_runs([client.get_experiment_by_name("patchflow").experiment_id])
     status = {run.data.tags.get("patchflow.stage", "pipeline"): run.info.status for run in runs}
     assert status == {"pipeline": "KILLED", "shard": "FINISHED", "mae_pretrain": "KILLED"}
-    assert not list(root.glob("active-runs/*.json"))  # the run's record went with it
+    assert lock.read_holder(lock.lock_path(root)) is None  # released on the way out: the next run starts cleanly
 
 
 @contextmanager
@@ -333,18 +333,27 @@ def test_next_run_removes_staging_leftovers_and_ends_runs_of_a_killed_run(tmp_pa
     assert "removed 2 unfinished staging" in caplog.text and run_id in caplog.text
 
 
-def test_leftovers_are_kept_while_another_run_uses_the_root(tmp_path, caplog):
+def test_leftovers_are_kept_while_another_run_holds_the_root(tmp_path, monkeypatch):
+    """A live run's staging folders look like leftovers; its lock keeps the next run from cleaning them."""
+    import flows.preflight
+    from flows.lock import DataRootBusy
+
+    # preflight as the CLI runs it, minus what would outlive the test: signal handlers, an atexit hold.
+    monkeypatch.setattr(flows.preflight, "exit_on_signals", lambda: None)
+    monkeypatch.setattr(flows.preflight, "hold_for_process", lock.acquire)
+
     folder, temporary, _ = _staging_leftovers(tmp_path)
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    hold = "import sys, time; from flows.lock import hold_for_process; hold_for_process(sys.argv[1]); print('held', flush=True); time.sleep(120)"
+    other = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     try:
-        # Recorded as that process would record itself: its pid and its start time.
-        record = record_this_run(tmp_path, other.pid, psutil.Process(other.pid).create_time())
-        with caplog.at_level(logging.WARNING, logger="patchflow.preflight"):
-            clean_up_after_killed_runs(tmp_path, started_before=time.time())
+        assert other.stdout.readline().strip() == "held"
+        with pytest.raises(DataRootBusy, match=f"pid {other.pid}"):
+            preflight(tmp_path)
         assert folder.exists() and temporary.exists()
-        assert f"pid {other.pid}" in caplog.text and "leaving staging folders" in caplog.text
     finally:
         other.kill()
         other.wait()
-    clean_up_after_killed_runs(tmp_path, started_before=time.time())  # once it has ended, they go
-    assert not folder.exists() and not temporary.exists() and not record.exists()
+    with lock.data_root_lock(tmp_path):  # once it has ended (killed: its lock went with it), they go
+        clean_up_after_killed_runs(tmp_path, started_before=time.time())
+    assert not folder.exists() and not temporary.exists()
