@@ -17,18 +17,20 @@ import functools
 import io
 import json
 import logging
+import math
 import multiprocessing
+import os
 import random
 import tarfile
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.transforms import v2
 
 from data_shards.errors import BadInputError
 
@@ -80,9 +82,30 @@ def split_shards(manifest_path: str | Path, split: str) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def _manifest_counts(manifest_path: str, mtime_ns: int) -> dict[str, int]:
+def _manifest_shards(manifest_path: str, mtime_ns: int) -> dict[str, tuple[int, int]]:
+    """Each listed shard's ``(samples, largest image area in its split)``."""
     splits = json.loads(Path(manifest_path).read_text())["outputs"]["splits"]
-    return {shard["name"]: int(shard["samples"]) for split in splits.values() for shard in split["shards"]}
+    listed = {}
+    for split in splits.values():
+        sizes = [h * w for h, w in (map(int, size.split("x")) for size in split.get("image_sizes", {}))]
+        for shard in split["shards"]:
+            listed[shard["name"]] = (int(shard["samples"]), max(sizes, default=0))
+    return listed
+
+
+def _manifest_entries(shard_paths: tuple[str, ...]) -> list[tuple[int, int]]:
+    entries = []
+    for path in shard_paths:
+        manifest = Path(path).parent / "manifest.json"
+        try:
+            listed = _manifest_shards(str(manifest), manifest.stat().st_mtime_ns)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ShardError(f"shard {path}: no readable manifest beside it ({manifest}: {exc}); "
+                             f"the loader needs its sample count to detect truncation", hint=_rebuild_hint(path)) from None
+        if Path(path).name not in listed:
+            raise ShardError(f"shard {path}: not listed in {manifest}", hint=_rebuild_hint(path))
+        entries.append(listed[Path(path).name])
+    return entries
 
 
 def shard_sample_counts(shard_paths: tuple[str, ...]) -> tuple[int, ...]:
@@ -91,18 +114,12 @@ def shard_sample_counts(shard_paths: tuple[str, ...]) -> tuple[int, ...]:
     Raises:
         ShardError: a shard has no manifest beside it, or its manifest does not list it.
     """
-    counts = []
-    for path in shard_paths:
-        manifest = Path(path).parent / "manifest.json"
-        try:
-            listed = _manifest_counts(str(manifest), manifest.stat().st_mtime_ns)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ShardError(f"shard {path}: no readable manifest beside it ({manifest}: {exc}); "
-                             f"the loader needs its sample count to detect truncation", hint=_rebuild_hint(path)) from None
-        if Path(path).name not in listed:
-            raise ShardError(f"shard {path}: not listed in {manifest}", hint=_rebuild_hint(path))
-        counts.append(listed[Path(path).name])
-    return tuple(counts)
+    return tuple(samples for samples, _ in _manifest_entries(shard_paths))
+
+
+def decoded_bytes(shard_paths: tuple[str, ...], channels: int) -> int:
+    """What holding every image of these shards decoded (uint8) would take, from their manifests."""
+    return sum(samples * area * channels for samples, area in _manifest_entries(shard_paths))
 
 
 def iterate_tar(path: str) -> Iterator[dict[str, Any]]:
@@ -187,44 +204,167 @@ def decode_image(sample: dict[str, Any], channels: int) -> torch.Tensor:
     return tensor.view(image.height, image.width, channels).permute(2, 0, 1)
 
 
-@functools.lru_cache(maxsize=8)
-def _augmenter(augment: str, size: tuple[int, int], crop_scale: tuple[float, float]) -> v2.Transform:
-    flip = v2.RandomHorizontalFlip(p=0.5)
-    if augment == "flip":
-        return flip
-    # MAE's pretraining crop: RandomResizedCrop(scale=(0.2, 1)) with the default 3/4–4/3 aspect jitter.
-    return v2.Compose([v2.RandomResizedCrop(size, scale=crop_scale, antialias=True), flip])
+@dataclass(frozen=True)
+class Decoded:
+    """One sample with its image decoded to uint8 (C, H, W), or the reason it could not be."""
+
+    path: str
+    key: str
+    image: torch.Tensor | None
+    label: int
+    caption: str
+    error: str | None = None
 
 
-def _augment(image: torch.Tensor, spec: LoaderSpec, rng: random.Random) -> torch.Tensor:
-    """torchvision's v2 transforms draw from torch's global RNG; seeding a forked copy of it from the
-    slot's own stream keeps augmentation reproducible (exact resume) without touching the model's RNG."""
-    transform = _augmenter(spec.augment, tuple(image.shape[-2:]), tuple(spec.crop_scale))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(rng.getrandbits(63))
-        return transform(image)
+def decode_sample(path: str, sample: dict[str, Any], channels: int) -> Decoded:
+    label = int(sample["cls"]) if "cls" in sample else -1
+    caption = sample["txt"].decode("utf-8") if "txt" in sample else ""
+    try:
+        return Decoded(path, sample["__key__"], decode_image(sample, channels), label, caption)
+    except (OSError, ValueError, SyntaxError) as exc:
+        return Decoded(path, sample["__key__"], None, label, caption, error=f"cannot decode image ({exc})")
 
 
-def to_model_input(image: torch.Tensor, spec: LoaderSpec, rng: random.Random | None = None) -> torch.Tensor:
-    """uint8 (C, H, W) → float, resized, augmented (training only), normalised."""
-    image = image.float().div_(255.0)
-    if spec.image_size is not None and tuple(image.shape[-2:]) != (spec.image_size, spec.image_size):
-        image = F.interpolate(image[None], size=(spec.image_size,) * 2, mode="bilinear", align_corners=False, antialias=True)[0]
-    if rng is not None and spec.augment != "none":
-        image = _augment(image, spec, rng)
-    mean = torch.tensor(spec.mean).view(-1, 1, 1)
-    std = torch.tensor(spec.std).view(-1, 1, 1)
-    return (image - mean) / std
+class DecodedShards:
+    """Shards decoded once and kept in this process, least recently used out first, within a byte budget.
+
+    Small datasets (Fashion-MNIST, CIFAR-10, the emoji pairs) then cost one decode per process instead
+    of a tar read and a PNG decode per sample per epoch, and need no loader worker competing with the
+    training threads for the cores.
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.entries: OrderedDict[tuple, list[Decoded]] = OrderedDict()
+        self.bytes = 0
+
+    def get(self, path: str, expected: int, channels: int) -> list[Decoded]:
+        stat = Path(path).stat()
+        key = (path, stat.st_mtime_ns, stat.st_size, channels)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        records = [decode_sample(path, sample, channels) for sample in read_shard(path, expected)]
+        size = sum(r.image.numel() for r in records if r.image is not None)
+        while self.entries and self.bytes + size > self.budget_bytes:
+            _, evicted = self.entries.popitem(last=False)
+            self.bytes -= sum(r.image.numel() for r in evicted if r.image is not None)
+        self.entries[key] = records
+        self.bytes += size
+        return records
+
+
+DECODED_CACHE = DecodedShards(int(os.environ.get("PATCHFLOW_DECODED_CACHE_MB", "1024")) * 2**20)
+
+
+def in_memory(spec: LoaderSpec) -> bool:
+    """Whether the spec's shards, decoded, fit this process's cache (then no worker processes are used)."""
+    return decoded_bytes(spec.shard_paths, spec.channels) <= DECODED_CACHE.budget_bytes
+
+
+def random_resized_crop_boxes(count: int, height: int, width: int, scale: tuple[float, float],
+                              ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                              generator: torch.Generator | None = None) -> torch.Tensor:
+    """(count, 4) integer boxes (top, left, height, width), drawn as torchvision's
+    ``RandomResizedCrop.get_params`` draws one: up to ten tries of an area fraction in ``scale`` and a
+    log-uniform aspect ratio in ``ratio``, else the centre crop at the nearest allowed ratio. Vectorised."""
+    tries = 10
+    area = torch.empty(count, tries).uniform_(scale[0], scale[1], generator=generator) * (height * width)
+    aspect = torch.empty(count, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp_()
+    box_w, box_h = (area * aspect).sqrt_().round_(), (area / aspect).sqrt_().round_()
+    fits = (box_w > 0) & (box_w <= width) & (box_h > 0) & (box_h <= height)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first try that fits, as get_params stops there
+    box_h, box_w = box_h.gather(1, first)[:, 0], box_w.gather(1, first)[:, 0]
+    source_ratio = width / height
+    if source_ratio < min(ratio):
+        centre_w, centre_h = width, round(width / min(ratio))
+    elif source_ratio > max(ratio):
+        centre_w, centre_h = round(height * max(ratio)), height
+    else:
+        centre_w, centre_h = width, height
+    found = fits.any(dim=1)
+    box_h = torch.where(found, box_h, torch.tensor(float(centre_h)))
+    box_w = torch.where(found, box_w, torch.tensor(float(centre_w)))
+    top = (torch.rand(count, generator=generator) * (height - box_h + 1)).floor_()
+    left = (torch.rand(count, generator=generator) * (width - box_w + 1)).floor_()
+    top = torch.where(found, top, ((height - box_h) / 2).floor())
+    left = torch.where(found, left, ((width - box_w) / 2).floor())
+    return torch.stack([top, left, box_h, box_w], dim=1).long()
+
+
+def _sample_points(start: torch.Tensor, extent: torch.Tensor, out: int, full: int) -> torch.Tensor:
+    """(N, out) coordinates in [-1, 1] (``align_corners=True``) where bilinear resizing of the span
+    [start, start + extent) to ``out`` pixels samples: F.interpolate's half-pixel rule, clamped to the span."""
+    centres = (torch.arange(out, dtype=torch.float32) + 0.5) / out
+    points = start[:, None] + centres[None] * extent[:, None] - 0.5
+    points = torch.minimum(torch.maximum(points, start[:, None]), (start + extent - 1)[:, None])
+    return points / max(full - 1, 1) * 2 - 1
+
+
+def resized_crop_batch(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int],
+                       flips: torch.Tensor | None = None) -> torch.Tensor:
+    """Each image's box resized (bilinear) to ``size`` and mirrored where ``flips``: per sample what
+    ``v2.functional.resized_crop`` gives for an enlarging crop, for the whole batch in one ``grid_sample``."""
+    top, left, box_h, box_w = boxes.to(torch.float32).unbind(dim=1)
+    ys = _sample_points(top, box_h, size[0], images.shape[-2])
+    xs = _sample_points(left, box_w, size[1], images.shape[-1])
+    if flips is not None:
+        xs = torch.where(flips[:, None], xs.flip(1), xs)
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)  # (N, H, W, [x, y])
+    return F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _float_batch(images: list[torch.Tensor], size: int | None) -> torch.Tensor:
+    """uint8 images → one float (N, C, H, W) batch in [0, 1], resized to ``size`` where given."""
+    def resized(batch: torch.Tensor) -> torch.Tensor:
+        if size is None or tuple(batch.shape[-2:]) == (size, size):
+            return batch
+        return F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+    if len({tuple(image.shape) for image in images}) == 1:
+        return resized(torch.stack(images).float().div_(255.0))
+    if size is None:
+        raise ValueError(f"images of different sizes {sorted({tuple(i.shape) for i in images})} in one batch "
+                         f"and no image_size to resize them to")
+    return torch.cat([resized(image[None].float().div_(255.0)) for image in images])
+
+
+def batch_to_model_input(images: list[torch.Tensor], spec: LoaderSpec,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 (C, H, W) images → one float batch: resized, augmented (with ``generator``), normalised.
+
+    Augmentation runs on the whole batch: MAE's RandomResizedCrop(scale=crop_scale, ratio 3/4-4/3) and
+    a horizontal flip with probability 1/2, both drawn from ``generator`` (never torch's global RNG, so
+    the model's random stream and an exact resume are untouched).
+    """
+    batch = _float_batch(images, spec.image_size)
+    if generator is not None and spec.augment != "none":
+        flips = torch.rand(len(batch), generator=generator) < 0.5
+        if spec.augment == "flip":
+            batch = torch.where(flips[:, None, None, None], batch.flip(-1), batch)
+        else:
+            height, width = batch.shape[-2:]
+            boxes = random_resized_crop_boxes(len(batch), height, width, spec.crop_scale, generator=generator)
+            batch = resized_crop_batch(batch, boxes, (height, width), flips)
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    return batch.sub_(mean).div_(std)
+
+
+def to_model_input(image: torch.Tensor, spec: LoaderSpec) -> torch.Tensor:
+    """One uint8 (C, H, W) image → float, resized, normalised (no augmentation)."""
+    return batch_to_model_input([image], spec)[0]
 
 
 class ShardStream(IterableDataset):
-    """One pass over this slot's share of the shards for ``spec.epoch``, decoded and transformed."""
+    """This slot's batches of its share of the shards for ``spec.epoch``, decoded and transformed."""
 
-    def __init__(self, spec: LoaderSpec):
+    def __init__(self, spec: LoaderSpec, cached: bool = False):
         super().__init__()
         if not spec.shard_paths:
             raise ValueError("no shards to read")
         self.spec = spec
+        self.cached = cached  # read decoded shards from DECODED_CACHE rather than the tars
         self.counts = shard_sample_counts(spec.shard_paths)  # fails here, before any worker starts
         self.skipped = 0
 
@@ -234,61 +374,66 @@ class ShardStream(IterableDataset):
         worker = info.id if info else 0
         return self.spec.rank * workers + worker, self.spec.world_size * workers
 
-    def _raw_samples(self, slot: int, slots: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _records(self, slot: int, slots: int) -> Iterator[Decoded | tuple[str, dict[str, Any]]]:
+        """Decoded samples (cached) or (path, raw sample) pairs (streamed, decoded after the shuffle
+        buffer so that it holds compressed bytes)."""
         order = list(range(len(self.spec.shard_paths)))
         if self.spec.shuffle:
             random.Random(self.spec.seed * 1_000_003 + self.spec.epoch).shuffle(order)
         for shard, start, stop in slot_pieces(list(self.counts), order, slot, slots, equal=self.spec.drop_last):
             path = self.spec.shard_paths[shard]
-            for sample in read_shard(path, self.counts[shard], start, stop):
-                yield path, sample
+            if self.cached:
+                yield from DECODED_CACHE.get(path, self.counts[shard], self.spec.channels)[start:stop]
+            else:
+                for sample in read_shard(path, self.counts[shard], start, stop):
+                    yield path, sample
 
-    def _shuffled(self, samples: Iterator[Any], rng: random.Random) -> Iterator[Any]:
+    def _shuffled(self, records: Iterator[Any], rng: random.Random) -> Iterator[Any]:
         if not self.spec.shuffle or self.spec.shuffle_buffer <= 1:
-            yield from samples
+            yield from records
             return
         buffer: list[Any] = []
-        for item in samples:
+        for item in records:
             buffer.append(item)
             if len(buffer) >= self.spec.shuffle_buffer:
                 yield buffer.pop(rng.randrange(len(buffer)))
         rng.shuffle(buffer)
         yield from buffer
 
-    def _decode(self, path: str, sample: dict[str, Any], rng: random.Random | None) -> dict[str, Any] | None:
-        try:
-            image = decode_image(sample, self.spec.channels)
-        except (OSError, ValueError, SyntaxError) as exc:
-            message = f"shard {path} key {sample['__key__']!r}: cannot decode image ({exc})"
+    def _usable(self, records: Iterator[Any]) -> Iterator[Decoded]:
+        for record in records:
+            decoded = record if isinstance(record, Decoded) else decode_sample(*record, self.spec.channels)
+            if decoded.error is None:
+                yield decoded
+                continue
+            message = f"shard {decoded.path} key {decoded.key!r}: {decoded.error}"
             if self.spec.on_error == "raise":
-                raise ShardError(message, hint=_rebuild_hint(path)) from None
+                raise ShardError(message, hint=_rebuild_hint(decoded.path))
             self.skipped += 1
             log.warning("skipping sample (%d skipped so far in this worker): %s", self.skipped, message)
-            return None
-        return {
-            "image": to_model_input(image, self.spec, rng),
-            "label": int(sample["cls"]) if "cls" in sample else -1,
-            "caption": sample["txt"].decode("utf-8") if "txt" in sample else "",
-            "key": sample["__key__"],
-        }
+
+    def _batch(self, samples: list[Decoded], generator: torch.Generator | None) -> dict[str, Any]:
+        try:
+            images = batch_to_model_input([s.image for s in samples], self.spec, generator)
+        except ValueError as exc:
+            raise ShardError(f"shard {samples[0].path} keys {samples[0].key!r}..{samples[-1].key!r}: {exc}",
+                             hint="set the stage's image_size") from None
+        return {"image": images, "label": torch.tensor([s.label for s in samples], dtype=torch.long),
+                "caption": [s.caption for s in samples], "key": [s.key for s in samples]}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot, slots = self._slot()
         rng = random.Random(f"{self.spec.seed}/{self.spec.epoch}/{slot}")
-        augment_rng = rng if self.spec.shuffle and self.spec.augment != "none" else None
-        for path, sample in self._shuffled(self._raw_samples(slot, slots), rng):
-            decoded = self._decode(path, sample, augment_rng)
-            if decoded is not None:
-                yield decoded
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "image": torch.stack([s["image"] for s in samples]),
-        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-        "caption": [s["caption"] for s in samples],
-        "key": [s["key"] for s in samples],
-    }
+        augmenting = self.spec.shuffle and self.spec.augment != "none"
+        pending: list[Decoded] = []
+        for sample in self._usable(self._shuffled(self._records(slot, slots), rng)):
+            pending.append(sample)
+            if len(pending) == self.spec.batch_size:
+                generator = torch.Generator().manual_seed(rng.getrandbits(63)) if augmenting else None
+                yield self._batch(pending, generator)
+                pending = []
+        if pending and not self.spec.drop_last:
+            yield self._batch(pending, None)
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
@@ -303,16 +448,20 @@ def worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def epoch_loader(spec: LoaderSpec, epoch: int) -> DataLoader:
-    """A DataLoader over one epoch of this rank's share."""
+def epoch_loader(spec: LoaderSpec, epoch: int) -> Iterable[dict[str, Any]]:
+    """The batches of one epoch of this rank's share.
+
+    Shards that fit the decoded cache are read in this process (no workers: they would only take
+    cores from the training threads); larger ones stream through ``spec.num_workers`` processes.
+    """
+    spec = replace(spec, epoch=epoch)
+    if in_memory(spec) or spec.num_workers == 0:
+        return ShardStream(spec, cached=in_memory(spec))
     # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG, so where an
     # epoch starts would shift the model's random stream (masks, dropout) and break exact resume.
     generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch)
-    return DataLoader(
-        ShardStream(replace(spec, epoch=epoch)), batch_size=spec.batch_size, num_workers=spec.num_workers,
-        collate_fn=collate, drop_last=spec.drop_last, persistent_workers=False, generator=generator,
-        multiprocessing_context=worker_context() if spec.num_workers > 0 else None,
-    )
+    return DataLoader(ShardStream(spec), batch_size=None, num_workers=spec.num_workers, persistent_workers=False,
+                      generator=generator, multiprocessing_context=worker_context())
 
 
 def training_batches(spec: LoaderSpec, start_epoch: int = 0, skip_batches: int = 0) -> Iterator[tuple[int, int, dict[str, Any]]]:

@@ -235,7 +235,8 @@ def test_a_damaged_shard_read_by_a_torchrun_rank_reaches_the_launcher_as_that_er
 def test_two_nodes_of_one_process_match_one_node_of_two(shards, tmp_path):
     """Training past one machine: two torchrun agents meet at a c10d rendezvous on a loopback port,
     the second started from the join script the stage writes, as another node would; the loss
-    curve and weights equal one node running two processes."""
+    curve and weights equal one node running two processes, up to float rounding (torchrun sets one
+    compute thread per process only when a node runs several, so the matmuls may sum in another order)."""
     import socket
     import subprocess
     import threading
@@ -261,6 +262,7 @@ def test_two_nodes_of_one_process_match_one_node_of_two(shards, tmp_path):
     first.join(timeout=300)
     assert node_b.returncode == 0, node_b.stdout[-2000:] + node_b.stderr[-2000:]
     two_nodes = outcome["result"]
-    assert _curve(two_nodes)["losses"] == _curve(one_node)["losses"]
+    assert _curve(two_nodes)["losses"] == pytest.approx(_curve(one_node)["losses"], rel=1e-5)
     weights = [torch.load(Path(r.output_dir) / "encoder.pt") for r in (one_node, two_nodes)]
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-5, msg=name)

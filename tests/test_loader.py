@@ -24,6 +24,15 @@ def shards(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("shards"), samples_per_shard=25)  # train: 8 shards of 25
 
 
+@pytest.fixture(params=["cached", "streamed"])
+def reading(request, monkeypatch):
+    """Both ways the loader reads: shards decoded once into this process's cache, or streamed from the
+    tars through worker processes (what a dataset larger than the cache gets)."""
+    if request.param == "streamed":
+        monkeypatch.setattr(loader.DECODED_CACHE, "budget_bytes", 0)
+    return request.param
+
+
 def _spec(result, split="train", **kw) -> LoaderSpec:
     return LoaderSpec(shard_paths=split_shards(result.manifest_path, split), batch_size=kw.pop("batch_size", 10), **kw)
 
@@ -33,7 +42,7 @@ def _keys_seen(spec: LoaderSpec, epoch: int = 0) -> list[str]:
 
 
 @pytest.mark.parametrize("samples_per_shard", [25, 100])  # 8 shards ≥ 4 slots, then 2 shards < 4 slots
-def test_two_ranks_two_workers_see_disjoint_samples_covering_the_split(tmp_path, samples_per_shard):
+def test_two_ranks_two_workers_see_disjoint_samples_covering_the_split(tmp_path, samples_per_shard, reading):
     result = make_shards(tmp_path, samples_per_shard=samples_per_shard)
     seen = [
         _keys_seen(_spec(result, rank=rank, world_size=2, num_workers=2, batch_size=5, drop_last=False))
@@ -97,7 +106,7 @@ def _all_samples(spec: LoaderSpec) -> list[str]:
     return [k for b in epoch_loader(spec, 0) for k in b["key"]]
 
 
-def test_truncated_shard_is_named(shards, tmp_path):
+def test_truncated_shard_is_named(shards, tmp_path, reading):
     copies = _copy_shards(shards, tmp_path)
     _, offset = _member_offsets(copies[3])[20]
     copies[3].write_bytes(copies[3].read_bytes()[: offset + 512 + 100])  # cut inside a member's payload
@@ -106,7 +115,7 @@ def test_truncated_shard_is_named(shards, tmp_path):
         list(epoch_loader(spec, 0))
 
 
-def test_shard_cut_at_a_member_boundary_is_an_error_not_a_shorter_epoch(shards, tmp_path):
+def test_shard_cut_at_a_member_boundary_is_an_error_not_a_shorter_epoch(shards, tmp_path, reading):
     copies = _copy_shards(shards, tmp_path)
     members = _member_offsets(copies[5])
     keys = list(dict.fromkeys(name.split(".")[0] for name, _ in members))
@@ -117,7 +126,7 @@ def test_shard_cut_at_a_member_boundary_is_an_error_not_a_shorter_epoch(shards, 
         _all_samples(spec)
 
 
-def test_damaged_header_mid_shard_is_an_error(shards, tmp_path):
+def test_damaged_header_mid_shard_is_an_error(shards, tmp_path, reading):
     copies = _copy_shards(shards, tmp_path)
     members = _member_offsets(copies[1])
     keys = list(dict.fromkeys(name.split(".")[0] for name, _ in members))
@@ -143,7 +152,7 @@ def test_shards_without_a_manifest_are_refused_before_reading(shards, tmp_path):
 
 
 @pytest.mark.parametrize("world_size,workers", [(2, 1), (3, 2)])
-def test_every_rank_gets_the_same_number_of_samples_and_batches(shards, world_size, workers):
+def test_every_rank_gets_the_same_number_of_samples_and_batches(shards, world_size, workers, reading):
     # 200 samples in 8 shards of 25: whole shards dealt to 3 ranks would give them 75, 75 and 50.
     per_rank = [_keys_seen(_spec(shards, rank=r, world_size=world_size, num_workers=workers, batch_size=1))
                 for r in range(world_size)]
@@ -154,10 +163,53 @@ def test_every_rank_gets_the_same_number_of_samples_and_batches(shards, world_si
     assert all(p == positions[0] for p in positions)  # epochs end at the same batch on every rank
 
 
-def test_crop_is_torchvision_random_resized_crop_and_reproducible(shards):
-    crop = loader._augmenter("crop_flip", (32, 32), (0.2, 1.0)).transforms[0]
-    assert isinstance(crop, v2.RandomResizedCrop) and crop.scale == (0.2, 1.0) and list(crop.size) == [32, 32]
-    assert crop.ratio == pytest.approx((3 / 4, 4 / 3))  # MAE's aspect jitter
+def test_cached_shards_give_the_streamed_batches_and_are_decoded_once(shards, monkeypatch):
+    spec = _spec(shards, augment="crop_flip", shuffle_buffer=40, batch_size=16)
+    monkeypatch.setattr(loader, "DECODED_CACHE", loader.DecodedShards(2**30))  # empty: earlier tests filled the shared one
+    assert loader.in_memory(spec)
+    reads = []
+    real_read = loader.read_shard
+    monkeypatch.setattr(loader, "read_shard", lambda path, *a, **kw: (reads.append(path), real_read(path, *a, **kw))[1])
+    cached = [list(epoch_loader(spec, epoch)) for epoch in (0, 1)]
+    assert sorted(reads) == sorted(spec.shard_paths)  # every shard read once, over two epochs
+    monkeypatch.setattr(loader.DECODED_CACHE, "budget_bytes", 0)
+    streamed = [list(epoch_loader(spec, epoch)) for epoch in (0, 1)]
+    assert len(reads) == 3 * len(spec.shard_paths)
+    for ours, theirs in zip(sum(cached, []), sum(streamed, []), strict=True):
+        assert ours["key"] == theirs["key"] and torch.equal(ours["image"], theirs["image"])
+
+
+def test_batched_crop_is_torchvision_resized_crop_of_each_sample():
+    generator = torch.Generator().manual_seed(0)
+    for height, width in ((28, 28), (24, 32)):
+        images = torch.rand(48, 3, height, width)
+        boxes = loader.random_resized_crop_boxes(48, height, width, (0.2, 1.0), generator=generator)
+        flips = torch.rand(48, generator=generator) < 0.5
+        batch = loader.resized_crop_batch(images, boxes, (height, width), flips)
+        for image, (top, left, box_h, box_w), flip, out in zip(images, boxes.tolist(), flips, batch):
+            expected = v2.functional.resized_crop(image, top, left, box_h, box_w, [height, width], antialias=True)
+            torch.testing.assert_close(out, expected.flip(-1) if flip else expected, atol=1e-5, rtol=0)
+
+
+def test_crop_boxes_follow_random_resized_crop_get_params():
+    """MAE's crop: area fraction in scale, aspect ratio 3/4-4/3, inside the image, and drawn with the
+    same distribution as torchvision's RandomResizedCrop (compared on the mean and spread of the area)."""
+    boxes = loader.random_resized_crop_boxes(4000, 28, 28, (0.2, 1.0), generator=torch.Generator().manual_seed(1))
+    top, left, box_h, box_w = boxes.T.float()
+    area = box_h * box_w / 28**2
+    assert (top >= 0).all() and (left >= 0).all() and (top + box_h <= 28).all() and (left + box_w <= 28).all()
+    assert area.min() >= 0.17 and area.max() <= 1.0  # 0.2 before rounding the sides to whole pixels
+    assert (box_w / box_h).min() >= 0.7 and (box_w / box_h).max() <= 1.45
+    torch.manual_seed(1)
+    reference = torch.tensor([v2.RandomResizedCrop.get_params(torch.zeros(1, 28, 28), [0.2, 1.0], [3 / 4, 4 / 3])
+                              for _ in range(4000)], dtype=torch.float)
+    reference_area = reference[:, 2] * reference[:, 3] / 28**2
+    assert area.mean() == pytest.approx(float(reference_area.mean()), abs=0.015)
+    assert area.std() == pytest.approx(float(reference_area.std()), abs=0.015)
+    assert top.mean() == pytest.approx(float(reference[:, 0].mean()), abs=0.3)
+
+
+def test_augmentation_is_reproducible_and_leaves_the_global_rng_alone(shards):
     spec = _spec(shards, augment="crop_flip", image_size=32, shuffle_buffer=1, crop_scale=(0.2, 1.0))
     first, again = next(iter(epoch_loader(spec, 0))), next(iter(epoch_loader(spec, 0)))
     assert torch.equal(first["image"], again["image"]) and first["key"] == again["key"]
@@ -208,7 +260,7 @@ def _corrupt_one_image(path: Path) -> str:
     return victim.split(".")[0]
 
 
-def test_undecodable_image_is_named_or_skipped_and_counted(shards, tmp_path, caplog):
+def test_undecodable_image_is_named_or_skipped_and_counted(shards, tmp_path, caplog, reading):
     copies = _copy_shards(shards, tmp_path)
     bad_key = _corrupt_one_image(copies[2])
     spec = LoaderSpec(shard_paths=tuple(map(str, copies)), batch_size=10, shuffle=False, drop_last=False)
