@@ -230,15 +230,14 @@ def _run_stages(config: PipelineConfig, reruns: Reruns, launch: dict[str, str]) 
             run("mae_pretrain", mae_task, config.mae, [results["shard"]])
         if "evaluate" in config.stages and "mae_pretrain" in results:
             run("evaluate", evaluate_task, config.evaluate, [results["shard"], results["mae_pretrain"]])
-        # The latent-diffusion branch needs only the shards; it scores samples with the evaluation
-        # stage's fine-tuned classifier when that stage ran, else trains a small one itself.
+        # The latent-diffusion branch needs only the shards: it scores its samples with a classifier of
+        # its own, so probe or fine-tune settings never retrain the DiT.
         if "vae" in config.stages:
             run("vae", vae_task, config.vae, [results["shard"]])
         if "encode_latents" in config.stages and "vae" in results:
             run("encode_latents", latents_task, config.latents, [results["shard"], results["vae"]])
         if "dit_train" in config.stages and "encode_latents" in results:
-            upstream = [results[name] for name in ("shard", "vae", "encode_latents", "evaluate") if name in results]
-            run("dit_train", dit_task, config.dit, upstream)
+            run("dit_train", dit_task, config.dit, [results[name] for name in ("shard", "vae", "encode_latents")])
         # CLIP trains on the pairs dataset (its own shard run, cached on its own key); its image tower
         # starts from the MAE encoder when clip.image_init is mae. A preset without pairs runs no CLIP.
         if "clip_train" in config.stages and config.pairs is not None and _pairs_found(config):

@@ -28,7 +28,7 @@ from models.tokenizer import Tokenizer
 from tasks import tracking
 from tasks.checkpoint import load_torch_file, save_torch_atomic
 from tasks.config import CLIPConfig
-from tasks.distributed import init_distributed, launch_training, loss_ends, run_rank, shutdown_distributed
+from tasks.distributed import DistInfo, init_distributed, launch_training, loss_ends, run_rank, shutdown_distributed
 from tasks.engine import TrainJob, TrainSummary, seed_everything, train
 from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
 from tasks.tracking import log_image, stage_run
@@ -109,14 +109,12 @@ def _loader_spec(config: CLIPConfig, manifest: str, split: str, geometry: dict, 
         augment="none", mean=tuple(geometry["mean"]), std=tuple(geometry["std"]))
 
 
-def train_worker(job_path: Path) -> TrainSummary:
-    """What every rank runs: build the model (MAE-initialised or not), train, and (rank 0) export."""
+def training_job(job_path: Path, dist: DistInfo) -> TrainJob:
+    """The rank's training job as the stage runs it (also what benchmarks/bench_stage_efficiency.py times)."""
     spec = json.loads(Path(job_path).read_text())
     config, manifest = CLIPConfig.model_validate(spec["config"]), spec["shards_manifest"]
     variant_dir = Path(spec["variant_dir"])
-    steps = spec["steps"]
-    train_config = config.train.model_copy(update={"steps": steps})
-    dist = init_distributed()
+    train_config = config.train.model_copy(update={"steps": spec["steps"]})
     geometry = pairs_geometry(manifest, config.channels)
     loader = _loader_spec(config, manifest, "train", geometry, dist.rank, dist.world_size)
     seed_everything(config.train.seed)  # same initial weights for the same seed
@@ -124,7 +122,7 @@ def train_worker(job_path: Path) -> TrainSummary:
     if spec.get("mae_encoder"):
         load_mae_encoder(model, spec["mae_encoder"])
     prefix = spec["metric_prefix"]
-    job = TrainJob(
+    return TrainJob(
         model=model, loss_fn=make_loss(Tokenizer(config.context_length)),
         batches=lambda epoch, skip: training_batches(loader, epoch, skip),
         config=train_config, checkpoint_dir=variant_dir / "checkpoints",
@@ -133,9 +131,16 @@ def train_worker(job_path: Path) -> TrainSummary:
         if dist.is_main else None,
         stop_after=spec.get("stop_after"),
     )
+
+
+def train_worker(job_path: Path) -> TrainSummary:
+    """What every rank runs: build the model (MAE-initialised or not), train, and (rank 0) export."""
+    dist = init_distributed()
+    job = training_job(job_path, dist)
     summary = train(job)
-    if dist.is_main and summary.steps == steps:
-        save_torch_atomic(variant_dir / "weights.pt", {k: v.cpu() for k, v in model.state_dict().items()})
+    if dist.is_main and summary.steps == job.config.steps:
+        variant_dir = job.checkpoint_dir.parent
+        save_torch_atomic(variant_dir / "weights.pt", {k: v.cpu() for k, v in job.model.state_dict().items()})
         write_json_atomic(variant_dir / "train_summary.json", summary.record(dist.world_size))
     shutdown_distributed()
     return summary

@@ -286,7 +286,7 @@ class DiTConfig(StrictModel):
     sample_variance: Literal["fixed_small", "fixed_large"] = Field(
         default="fixed_large", description="DDPM step variance without learn_sigma: posterior beta~_t, or beta_t (DiT).")
     samples_per_class: int = Field(default=20, gt=0)
-    classifier_steps: int = Field(default=300, gt=0, description="Steps of the scoring classifier when none exists.")
+    classifier_steps: int = Field(default=300, gt=0, description="Steps of the small ViT the stage trains on real images to score its samples.")
     train: DiTTrainConfig = DiTTrainConfig()
 
     @field_validator("model")

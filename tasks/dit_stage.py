@@ -25,7 +25,7 @@ from tasks.config import DiTConfig, OptimConfig, TrainConfig
 from tasks.devices import module_device, stage_device
 from tasks.distributed import DistInfo, init_distributed, launch_training, loss_ends, run_rank, shutdown_distributed
 from tasks.engine import TrainJob, seed_everything, train
-from tasks.finetune import build_encoder, load_classifier, train_classifier
+from tasks.finetune import build_encoder, train_classifier
 from tasks.latents import latent_batches, load_latents
 from tasks.quality import ImageClassifier, quality_scores
 from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
@@ -95,15 +95,15 @@ def image_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
     return padded.view(rows, columns, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, columns * w)
 
 
-def scoring_classifier(inputs: list[StageResult], shards: StageResult, image_size: int, config: DiTConfig,
-                       num_classes: int, output_dir: Path, device: str = "cpu") -> tuple[ImageClassifier, str]:
-    """The evaluation stage's fine-tuned classifier when there is one, else a small ViT trained here
-    (on ``device``, where the returned classifier lives either way)."""
-    evaluation = next((r for r in inputs if r.stage == "evaluate"), None)
-    if evaluation is not None and "classifier" in evaluation.manifest()["outputs"]:
-        model, arch, norm = load_classifier(evaluation)
-        return ImageClassifier(model.to(device), arch["image_size"], arch["in_chans"], tuple(norm["mean"]),
-                               tuple(norm["std"])), "evaluate"
+def scoring_classifier(shards: StageResult, image_size: int, config: DiTConfig, num_classes: int, output_dir: Path,
+                       device: str = "cpu") -> ImageClassifier:
+    """A small ViT trained here on the real images, at the DiT's resolution, to score its samples (on
+    ``device``, where it is returned).
+
+    The stage's own, not the evaluation stage's fine-tuned classifier: a DiT's scores then never
+    depend on probe or fine-tune settings, so changing those does not retrain the DiT, and two DiT runs
+    are always scored by the same judge.
+    """
     architecture = {"encoder_size": "nano", "image_size": image_size, "patch_size": 4, "in_chans": 3}
     seed_everything(0)
     model = build_encoder(architecture, num_classes=num_classes)
@@ -113,7 +113,7 @@ def scoring_classifier(inputs: list[StageResult], shards: StageResult, image_siz
                                optim=OptimConfig(base_lr=4e-3, weight_decay=0.05, warmup_steps=config.classifier_steps // 10))
     train_classifier(model, spec, train_config, output_dir / "classifier" / "checkpoints", architecture,
                      layer_decay=1.0, label_smoothing=0.0, dist=DistInfo(device=device))
-    return ImageClassifier(model, image_size, 3, (0.5,) * 3, (0.5,) * 3), "trained_here"
+    return ImageClassifier(model, image_size, 3, (0.5,) * 3, (0.5,) * 3)
 
 
 def real_images(shards: StageResult, image_size: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,8 +127,8 @@ def _stage_inputs(inputs: list[StageResult]) -> tuple[StageResult, StageResult, 
     return shards, vae_result, latents_result
 
 
-def train_worker(job_path: Path) -> None:
-    """What every rank runs: train the DiT on its share of the latents; rank 0 samples and exports.
+def training_job(job_path: Path, dist: DistInfo) -> TrainJob:
+    """The rank's training job as the stage runs it (also what benchmarks/bench_stage_efficiency.py times).
 
     Each rank takes every ``world_size``-th latent of the epoch's seeded permutation, so the ranks
     together see each latent once per epoch.
@@ -138,7 +138,6 @@ def train_worker(job_path: Path) -> None:
     _, vae_result, latents_result = _stage_inputs([StageResult.model_validate(r) for r in job["inputs"]])
     latent_outputs = latents_result.manifest()["outputs"]
     classes = latent_outputs["classes"]
-    dist = init_distributed()
     seed_everything(config.train.seed)  # same initial weights on every rank
     model = build_dit(config, latent_outputs["latent_shape"], len(classes))
     codec = LatentCodec(vae_result.manifest()["outputs"]["latent_stats"])
@@ -154,7 +153,7 @@ def train_worker(job_path: Path) -> None:
             samples = sample_images(ema_model, diffusion, vae, codec, grid_labels, config, seed=0)
             log_image(image_grid(samples, len(classes)), f"samples/step-{step:06d}.png")
 
-    summary = train(TrainJob(
+    return TrainJob(
         model=model, loss_fn=lambda m, batch: diffusion.training_loss(m, batch["image"], y=batch["label"]),
         batches=lambda epoch, skip: latent_batches(latents, labels, config.train.batch_size, config.train.seed,
                                                    dist.rank, dist.world_size, start_epoch=epoch, skip=skip),
@@ -162,9 +161,17 @@ def train_worker(job_path: Path) -> None:
         signature={"model": config.model, "latent_shape": latent_outputs["latent_shape"], "classes": len(classes),
                    "learn_sigma": config.learn_sigma},
         log_metrics=tracking.log_metrics if dist.is_main else None,
-        stop_after=job.get("stop_after")))
-    if dist.is_main and summary.steps == config.train.steps:
-        ema = summary.ema if summary.ema is not None else model
+        stop_after=job.get("stop_after"))
+
+
+def train_worker(job_path: Path) -> None:
+    """What every rank runs: train the DiT on its share of the latents; rank 0 exports the EMA weights."""
+    dist = init_distributed()
+    job = training_job(job_path, dist)
+    summary = train(job)
+    if dist.is_main and summary.steps == job.config.steps:
+        ema = summary.ema if summary.ema is not None else job.model
+        output_dir = job.checkpoint_dir.parent
         save_torch_atomic(output_dir / "dit.pt", {k: v.cpu() for k, v in ema.state_dict().items()})
         write_json_atomic(output_dir / "train_summary.json", summary.record(dist.world_size))
     shutdown_distributed()
@@ -206,7 +213,7 @@ def run(config: DiTConfig, inputs: list[StageResult], context: StageContext) -> 
         ema.to(device)
         vae.to(device)
 
-        classifier, source = scoring_classifier(inputs, shards, image_size, config, len(classes), output_dir, device)
+        classifier = scoring_classifier(shards, image_size, config, len(classes), output_dir, device)
         sample_labels = torch.arange(len(classes)).repeat_interleave(config.samples_per_class)
         generated = sample_images(ema, diffusion, vae, codec, sample_labels, config, seed=1)
         real, real_labels = real_images(shards, image_size, limit=max(len(sample_labels), 200))
@@ -217,12 +224,11 @@ def run(config: DiTConfig, inputs: list[StageResult], context: StageContext) -> 
             raise BadInputError(f"the frozen VAE from {vae_result.output_dir} changed during DiT training")
         metrics = {**loss_ends(summary["losses"], 20), "latents_per_s": summary["images_per_s"], "train_wall_s": summary["wall_s"], **scores}
         tracking.log_metrics(metrics)
-        tracking.set_tag("quality.classifier", source)
         outputs: dict[str, Any] = {"dit": {"path": "dit.pt", "sha256": sha256_file(output_dir / "dit.pt")},
                                    "architecture": {"model": config.model, "latent_shape": latent_outputs["latent_shape"],
                                                     "num_classes": len(classes), "learn_sigma": config.learn_sigma},
                                    "latent_stats": vae_result.manifest()["outputs"]["latent_stats"],
-                                   "quality_classifier": source, "world_size": world}
+                                   "world_size": world}
         log.info("dit_train: %s", {k: round(v, 4) for k, v in metrics.items()})
         return write_manifest(output_dir, STAGE, config, inputs, outputs, metrics, tracked.info.run_id)
 

@@ -148,6 +148,12 @@ def ema_decay_at(step: int, config: TrainConfig) -> float:
     return min(decay, (1 + step) / (10 + step)) if config.ema_warmup else decay
 
 
+def make_optimizer(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (CPU and CUDA): one pass over all parameters per step instead of
+    the default's Python loop over each tensor, which on these small models is a large share of a step."""
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+
+
 def autocast_context(precision: str, device: str) -> contextlib.AbstractContextManager:
     if device.startswith("cuda") and precision in ("auto", "bf16"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -167,8 +173,8 @@ def wrap_model(model: nn.Module, dist: DistInfo) -> nn.Module:
 
 def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     with torch.no_grad():
-        for ema_param, param in zip(ema.parameters(), model.parameters()):
-            ema_param.lerp_(param.detach(), 1.0 - decay)
+        # One multi-tensor lerp (as timm's ModelEmaV3): a per-tensor loop costs DiT-S about 200 tiny ops a step.
+        torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
         for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
             ema_buffer.copy_(buffer)
 
@@ -192,7 +198,7 @@ def train(job: TrainJob) -> TrainSummary:
     groups = (job.param_groups or default_param_groups)(core, cfg.optim.weight_decay)
     for group in groups:  # layer-wise lr decay and the like scale the peak lr per group
         group["lr"] = peak_lr * group.pop("lr_scale", 1.0)
-    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=cfg.optim.betas)
+    optimizer = make_optimizer(groups, peak_lr, cfg.optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, cfg.steps, cfg.optim, peak_lr))
     ema = copy.deepcopy(core).eval().requires_grad_(False) if cfg.ema_decay else None

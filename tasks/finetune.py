@@ -136,21 +136,27 @@ def classification_loss(label_smoothing: float):
     return loss_fn
 
 
-def train_classifier(
+def classifier_job(
     model: VisionTransformer, loader: LoaderSpec, train_config: TrainConfig, checkpoint_dir: Path,
     signature: dict[str, Any], layer_decay: float, label_smoothing: float, log_metrics=None,
     stop_after: int | None = None, dist: DistInfo | None = None,
-) -> TrainSummary:
-    """Fine-tune (or, from random weights, train from scratch) ``model`` with the shared engine."""
+) -> TrainJob:
+    """Fine-tuning (or, from random weights, training from scratch) ``model`` as a job of the shared engine."""
     seed_everything(train_config.seed)
-    job = TrainJob(
+    return TrainJob(
         model=model, loss_fn=classification_loss(label_smoothing),
         batches=lambda epoch, skip: training_batches(loader, epoch, skip), config=train_config,
         checkpoint_dir=checkpoint_dir, signature=signature, log_metrics=log_metrics,
         param_groups=lambda m, wd: layer_decay_groups(m, wd, layer_decay), stop_after=stop_after,
         dist=dist or DistInfo(),
     )
-    return train(job)
+
+
+def train_classifier(model: VisionTransformer, loader: LoaderSpec, train_config: TrainConfig, checkpoint_dir: Path,
+                     signature: dict[str, Any], layer_decay: float, label_smoothing: float, **options: Any) -> TrainSummary:
+    """Run :func:`classifier_job` in this process (``options``: log_metrics, stop_after, dist)."""
+    return train(classifier_job(model, loader, train_config, checkpoint_dir, signature, layer_decay, label_smoothing,
+                                **options))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,12 +195,9 @@ def build_classifier(job: FinetuneJob) -> VisionTransformer:
     return model
 
 
-def finetune_worker(job_path: Path) -> TrainSummary:
-    """What every rank runs: build, train on its shard slice, and (rank 0) save the weights."""
+def training_job(job_path: Path, dist: DistInfo) -> TrainJob:
+    """The rank's training job as the stage runs it (also what benchmarks/bench_stage_efficiency.py times)."""
     job = FinetuneJob(**json.loads(Path(job_path).read_text()))
-    train_config = TrainConfig.model_validate(job.train)
-    dist = init_distributed()
-    model = build_classifier(job)
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in job.loader.items()}
     loader = LoaderSpec(**{**fields, "rank": dist.rank, "world_size": dist.world_size})
     log_metrics: Callable | None = None
@@ -202,11 +205,20 @@ def finetune_worker(job_path: Path) -> TrainSummary:
         log_metrics = lambda m, step: tracking.log_metrics({job.metric_prefix + k: v for k, v in m.items()}, step=step)  # noqa: E731
     # The pooling changes the parameters, so a checkpoint of the other pooling must not resume here.
     signature = {**job.signature, "global_pool": job.global_pool}
-    summary = train_classifier(model, loader, train_config, Path(job.checkpoint_dir), signature, job.layer_decay,
-                               job.label_smoothing, log_metrics=log_metrics, stop_after=job.stop_after, dist=dist)
-    if dist.is_main and summary.steps == train_config.steps:
-        save_torch_atomic(Path(job.weights_path), {k: v.cpu() for k, v in model.state_dict().items()})
-        write_json_atomic(Path(job.weights_path).with_suffix(".summary.json"), summary.record(dist.world_size))
+    return classifier_job(build_classifier(job), loader, TrainConfig.model_validate(job.train), Path(job.checkpoint_dir),
+                          signature, job.layer_decay, job.label_smoothing, log_metrics=log_metrics,
+                          stop_after=job.stop_after, dist=dist)
+
+
+def finetune_worker(job_path: Path) -> TrainSummary:
+    """What every rank runs: build, train on its shard slice, and (rank 0) save the weights."""
+    weights_path = Path(FinetuneJob(**json.loads(Path(job_path).read_text())).weights_path)
+    dist = init_distributed()
+    job = training_job(job_path, dist)
+    summary = train(job)
+    if dist.is_main and summary.steps == job.config.steps:
+        save_torch_atomic(weights_path, {k: v.cpu() for k, v in job.model.state_dict().items()})
+        write_json_atomic(weights_path.with_suffix(".summary.json"), summary.record(dist.world_size))
     shutdown_distributed()
     return summary
 

@@ -21,7 +21,7 @@ from models.mae import MaskedAutoencoder, denormalize_pred, mae_from_name, recon
 from tasks import tracking
 from tasks.checkpoint import save_torch_atomic
 from tasks.config import MAEConfig
-from tasks.distributed import init_distributed, launch_training, loss_ends, run_rank, shutdown_distributed
+from tasks.distributed import DistInfo, init_distributed, launch_training, loss_ends, run_rank, shutdown_distributed
 from tasks.engine import TrainJob, TrainSummary, seed_everything, train
 from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
 from tasks.tracking import log_image, stage_run
@@ -85,16 +85,15 @@ def _reconstruction_logger(config: MAEConfig, manifest: str, geometry: dict, dev
     return on_eval
 
 
-def train_worker(job_path: Path) -> TrainSummary:
-    """What every rank runs: build model and stream, train, and (rank 0) export the encoder."""
+def training_job(job_path: Path, dist: DistInfo) -> TrainJob:
+    """The rank's training job as the stage runs it (also what benchmarks/bench_stage_efficiency.py times)."""
     spec = json.loads(Path(job_path).read_text())
     config, manifest, output_dir = MAEConfig.model_validate(spec["config"]), spec["shards_manifest"], Path(spec["output_dir"])
-    dist = init_distributed()
     geometry = data_geometry(manifest)
     loader = _loader_spec(config, manifest, "train", geometry, dist.rank, dist.world_size)
     seed_everything(config.train.seed)  # same initial weights for the same seed
     model = build_model(config, geometry["channels"])
-    job = TrainJob(
+    return TrainJob(
         model=model, loss_fn=mae_loss, batches=lambda epoch, skip: training_batches(loader, epoch, skip),
         config=config.train, checkpoint_dir=output_dir / "checkpoints",
         signature=model_signature(config, geometry["channels"]), dist=dist,
@@ -102,9 +101,15 @@ def train_worker(job_path: Path) -> TrainSummary:
         on_eval=_reconstruction_logger(config, manifest, geometry, dist.device) if dist.is_main else None,
         stop_after=spec.get("stop_after"),
     )
+
+
+def train_worker(job_path: Path) -> TrainSummary:
+    """What every rank runs: build model and stream, train, and (rank 0) export the encoder."""
+    dist = init_distributed()
+    job = training_job(job_path, dist)
     summary = train(job)
-    if dist.is_main and summary.steps == config.train.steps:
-        _export(model, output_dir, summary, dist.world_size)
+    if dist.is_main and summary.steps == job.config.steps:
+        _export(job.model, job.checkpoint_dir.parent, summary, dist.world_size)
     shutdown_distributed()
     return summary
 

@@ -108,7 +108,6 @@ def test_dit_training_lowers_the_loss_scores_samples_and_keeps_the_vae_frozen(br
         assert math.isfinite(metrics[name])
     assert metrics["real_accuracy"] > 0.3  # the classifier learned something
     assert metrics["real_frechet_distance"] >= 0 and metrics["frechet_distance"] >= 0
-    assert result.manifest()["outputs"]["quality_classifier"] == "trained_here"
     assert (Path(result.output_dir) / "dit.pt").is_file()
 
 
