@@ -22,10 +22,13 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python benchmarks/bench_shards.py
 	$(BIN)/python benchmarks/bench_mae_step.py
 	$(BIN)/python benchmarks/bench_clip_step.py
 	$(BIN)/python benchmarks/bench_dit_step.py
+	$(BIN)/python benchmarks/bench_reference_steps.py
+	$(BIN)/python benchmarks/bench_stage_efficiency.py
 	$(BIN)/python benchmarks/bench_serve.py
 	$(BIN)/python benchmarks/bench_kills.py
 	$(BIN)/python benchmarks/bench_orchestration.py

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import random
@@ -154,12 +155,26 @@ def make_optimizer(groups: list[dict[str, Any]], lr: float, betas: tuple[float, 
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (avx512_bf16 or AMX); elsewhere bf16 is emulated and slow."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def autocast_context(precision: str, device: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA for "auto" and "bf16"; on the CPU for "bf16" where the CPU has native bf16
+    (elsewhere fp32, said once in the log: emulated bf16 would be several times slower, not faster)."""
     if device.startswith("cuda") and precision in ("auto", "bf16"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if precision == "bf16" and not device.startswith("cuda"):
+        if cpu_has_native_bf16():
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        _warn_no_bf16()
     return contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_no_bf16() -> None:
+    log.warning("precision bf16 asked for, but this CPU has no native bf16 (avx512_bf16 or AMX): training in fp32")
 
 
 def wrap_model(model: nn.Module, dist: DistInfo) -> nn.Module:
