@@ -63,6 +63,8 @@ def training_jobs(root: Path) -> list[StageJob]:
         found.append(StageJob(f"evaluate/{job.parent.name}", "tasks.finetune", job, weights.with_suffix(".summary.json")))
     found += [StageJob(f"clip_train/{job.parent.name}", "tasks.clip_train", job, job.parent / "train_summary.json")
               for job in sorted(stages.glob("clip_train/*/*/job.json"))]
+    found += [StageJob("vae", "tasks.vae_train", job, job.parent / "train_summary.json")
+              for job in sorted(stages.glob("vae/*/job.json"))]
     found += [StageJob("dit_train", "tasks.dit_stage", job, job.parent / "train_summary.json")
               for job in sorted(stages.glob("dit_train/*/job.json"))]
     return [job for job in found if job.summary_path.is_file()]

@@ -8,6 +8,7 @@ per-channel latent shift/scale the diffusion model normalises with.
 
 from __future__ import annotations
 
+import json
 import logging
 from itertools import islice
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from data_shards.errors import BadInputError
-from data_shards.atomic import sha256_file
+from data_shards.atomic import sha256_file, write_json_atomic
 from data_shards.fingerprint import content_entry, fingerprint
 from data_shards.loader import LoaderSpec, evaluation_batches, split_shards, training_batches
 from models.vae import TinyAutoencoder, autoencoder_loss, freeze, load_pretrained_tiny_autoencoder, parameter_fingerprint
@@ -63,17 +64,31 @@ def vae_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tenso
     return autoencoder_loss(model, batch["image"])
 
 
-def train_small_vae(config: VAEConfig, shards_manifest: str, output_dir: Path, device: str = "cpu") -> TinyAutoencoder:
-    """Train the fallback autoencoder on ``device``; it is returned frozen, still on ``device``."""
+def training_job(job_path: Path, dist: DistInfo) -> TrainJob:
+    """The fallback autoencoder's training job as the stage runs it (also what
+    benchmarks/bench_stage_efficiency.py times)."""
+    job = json.loads(Path(job_path).read_text())
+    config, output_dir = VAEConfig.model_validate(job["config"]), Path(job["output_dir"])
     seed_everything(config.train.seed)
     model = TinyAutoencoder(latent_channels=config.latent_channels, width=config.width, midblock_gn=False)
-    spec = image_spec(shards_manifest, "train", config.image_size, config.train.batch_size, augment="flip",
+    spec = image_spec(job["shards_manifest"], "train", config.image_size, config.train.batch_size, augment="flip",
                       num_workers=config.train.num_workers, shuffle_buffer=config.train.shuffle_buffer, seed=config.train.seed)
-    train(TrainJob(model=model, loss_fn=vae_loss, batches=lambda e, s: training_batches(spec, e, s),
-                   config=config.train, checkpoint_dir=output_dir / "checkpoints",
-                   signature={"latent_channels": config.latent_channels, "width": config.width, "image_size": config.image_size},
-                   log_metrics=tracking.log_metrics, dist=DistInfo(device=device)))
-    return freeze(model)
+    return TrainJob(model=model, loss_fn=vae_loss, batches=lambda e, s: training_batches(spec, e, s),
+                    config=config.train, checkpoint_dir=output_dir / "checkpoints",
+                    signature={"latent_channels": config.latent_channels, "width": config.width, "image_size": config.image_size},
+                    log_metrics=tracking.log_metrics if dist.is_main else None, dist=dist)
+
+
+def train_small_vae(config: VAEConfig, shards_manifest: str, output_dir: Path, device: str = "cpu") -> TinyAutoencoder:
+    """Train the fallback autoencoder on ``device``; it is returned frozen, still on ``device``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    job_path = output_dir / "job.json"
+    write_json_atomic(job_path, {"config": config.model_dump(mode="json"), "shards_manifest": shards_manifest,
+                                 "output_dir": str(output_dir)})
+    job = training_job(job_path, DistInfo(device=device))
+    summary = train(job)
+    write_json_atomic(output_dir / "train_summary.json", summary.record(1))
+    return freeze(job.model)
 
 
 @torch.no_grad()

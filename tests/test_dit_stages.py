@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from data_shards.errors import BadInputError
 from tasks import dit_stage, latents, vae_train
 from tasks.config import DiTConfig, LatentConfig, TrainConfig, VAEConfig
+from tasks.engine import TrainSummary
 from tasks.stage import StageContext
 from tests._shared_data import require_shared
 from tests.helpers import fashion_source, make_shards
@@ -303,7 +304,8 @@ def test_a_gpu_host_trains_the_vae_and_scores_on_the_gpu(monkeypatch, tmp_path):
     assert default_device() == "cuda" and stage_device(StageContext(data_root=tmp_path)) == "cuda"
     assert stage_device(StageContext(data_root=tmp_path, extra={"device": "cpu"})) == "cpu"
     jobs = []
-    monkeypatch.setattr(vae_train, "train", jobs.append)
+    monkeypatch.setattr(vae_train, "train", lambda job: jobs.append(job) or TrainSummary(
+        steps=0, resumed_from=0, losses=[], images_per_s=0.0, wall_s=0.0))
     monkeypatch.setattr(vae_train, "image_spec", lambda *args, **kwargs: None)
     vae_train.train_small_vae(VAEConfig(), "unused.json", tmp_path, device="cuda")
     assert jobs[0].dist.device == "cuda"
