@@ -262,7 +262,7 @@ def test_bf16_autocast_training_follows_the_fp32_loss_curve():
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         curves[dtype] = torch.tensor(losses)
     fp32, bf16 = curves[None], curves[torch.bfloat16]
     assert fp32[-5:].mean() < 0.8 * fp32[:5].mean()  # it trained
