@@ -235,7 +235,7 @@ class DecodedShards:
 
     def __init__(self, budget_bytes: int):
         self.budget_bytes = budget_bytes
-        self.entries: OrderedDict[tuple, list[Decoded]] = OrderedDict()
+        self.entries: OrderedDict[tuple, tuple[list[Decoded], int]] = OrderedDict()  # key → (records, bytes)
         self.bytes = 0
 
     def get(self, path: str, expected: int, channels: int) -> list[Decoded]:
@@ -243,13 +243,12 @@ class DecodedShards:
         key = (path, stat.st_mtime_ns, stat.st_size, channels)
         if key in self.entries:
             self.entries.move_to_end(key)
-            return self.entries[key]
+            return self.entries[key][0]
         records = [decode_sample(path, sample, channels) for sample in read_shard(path, expected)]
         size = sum(r.image.numel() for r in records if r.image is not None)
         while self.entries and self.bytes + size > self.budget_bytes:
-            _, evicted = self.entries.popitem(last=False)
-            self.bytes -= sum(r.image.numel() for r in evicted if r.image is not None)
-        self.entries[key] = records
+            self.bytes -= self.entries.popitem(last=False)[1][1]
+        self.entries[key] = (records, size)
         self.bytes += size
         return records
 
@@ -455,8 +454,9 @@ def epoch_loader(spec: LoaderSpec, epoch: int) -> Iterable[dict[str, Any]]:
     cores from the training threads); larger ones stream through ``spec.num_workers`` processes.
     """
     spec = replace(spec, epoch=epoch)
-    if in_memory(spec) or spec.num_workers == 0:
-        return ShardStream(spec, cached=in_memory(spec))
+    cached = in_memory(spec)
+    if cached or spec.num_workers == 0:
+        return ShardStream(spec, cached=cached)
     # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG, so where an
     # epoch starts would shift the model's random stream (masks, dropout) and break exact resume.
     generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch)

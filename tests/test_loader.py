@@ -179,6 +179,18 @@ def test_cached_shards_give_the_streamed_batches_and_are_decoded_once(shards, mo
         assert ours["key"] == theirs["key"] and torch.equal(ours["image"], theirs["image"])
 
 
+def test_decoded_cache_stays_within_its_budget_evicting_the_oldest_shard(shards):
+    paths = split_shards(shards.manifest_path, "train")[:3]
+    one_shard = 25 * 28 * 28  # 25 grey 28 x 28 images a shard
+    cache = loader.DecodedShards(budget_bytes=2 * one_shard)
+    first = cache.get(paths[0], 25, 1)
+    assert cache.get(paths[0], 25, 1) is first  # a hit, not a second decode
+    cache.get(paths[1], 25, 1)
+    cache.get(paths[2], 25, 1)
+    assert cache.bytes == 2 * one_shard and [key[0] for key in cache.entries] == [paths[1], paths[2]]
+    assert cache.get(paths[0], 25, 1) is not first  # evicted, so decoded again
+
+
 def test_batched_crop_is_torchvision_resized_crop_of_each_sample():
     generator = torch.Generator().manual_seed(0)
     for height, width in ((28, 28), (24, 32)):
