@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -9,9 +10,10 @@ import shlex
 import signal
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import mlflow
 import torch
@@ -100,12 +102,13 @@ def run_torchrun(command: list[str], log: Callable[[str], None] | None = None, e
     log = log or logging.getLogger("patchflow.torchrun").info
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True, env={**os.environ, **(env or {})})
-    tail: list[str] = []
+    # torchrun's own traceback takes ~40 lines; keep enough to show the failing rank's output above it.
+    tail: collections.deque[str] = collections.deque(maxlen=120)
     try:
         assert process.stdout is not None
         for line in process.stdout:
             line = line.rstrip()
-            tail = (tail + [line])[-40:]
+            tail.append(line)
             log(line)
         code = process.wait()
     except BaseException:
@@ -179,9 +182,10 @@ def rank_failure(job_path: Path) -> PatchflowError | None:
     return None
 
 
-def run_rank(worker: Callable[[Path], Any], job_path: str) -> None:
+def run_rank(worker: Callable[[Path], Any], job_path: str) -> NoReturn:
     """A torchrun rank's entry point: rank 0 attaches to the launching stage's MLflow run; an expected
-    failure is also written beside the job file for the launcher (torchrun passes on only an exit code)."""
+    failure is also written beside the job file for the launcher (torchrun passes on only an exit code).
+    The rank then leaves without interpreter finalization (see :func:`_leave_rank`)."""
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(name)s %(message)s")
     try:
@@ -193,9 +197,24 @@ def run_rank(worker: Callable[[Path], Any], job_path: str) -> None:
                 detach_run()  # a server lost mid-training must not fail the rank as it leaves the run
         else:
             worker(Path(job_path))
-    except PatchflowError as exc:
-        job = Path(job_path)
-        write_json_atomic(job.with_name(f"{job.stem}.error-rank{rank}.json"),
-                          {"rank": rank, "type": type(exc).__name__, "message": str(exc), "hint": exc.hint,
-                           "transient": is_transient(exc)})
-        raise
+    except BaseException as exc:
+        if isinstance(exc, PatchflowError):
+            job = Path(job_path)
+            write_json_atomic(job.with_name(f"{job.stem}.error-rank{rank}.json"),
+                              {"rank": rank, "type": type(exc).__name__, "message": str(exc), "hint": exc.hint,
+                               "transient": is_transient(exc)})
+        traceback.print_exc()
+        _leave_rank(1)
+    _leave_rank(0)
+
+
+def _leave_rank(code: int) -> NoReturn:
+    """Exit a rank without Python's finalization. A gloo worker thread can still be dropping the last
+    finished collective, whose saved thread-local state holds a Python object; a thread that takes the
+    GIL during finalization is ended with pthread_exit, which a C++ thread turns into std::terminate:
+    the rank died of SIGABRT after its last step (seen in CI, about one 2-rank run in three here).
+    Everything a rank writes is already on disk (atomic renames) and the MLflow run is detached."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
