@@ -35,9 +35,13 @@ def _run(args: argparse.Namespace) -> int:
     from flows.pipeline import pipeline  # imports Prefect: after the environment is set
 
     results = pipeline(preset=args.preset, overrides=args.overrides, data_root=config.data_root, rerun=args.rerun)
+    from flows.headlines import headlines, text_table, wall_times
+
+    print("\nOutputs (every metric is in each folder's manifest.json and in MLflow):")
     for name, result in results.items():
-        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items()))
-        print(f"{name:14s} {result.output_dir}\n{'':14s} {metrics}")
+        print(f"  {name:14s} {result.output_dir}")
+    print(f"\nWhat this run measured, each beside its baseline:\n{text_table(headlines(results))}")
+    print(f"\nWall time: {wall_times(results)}")
     print(f"\nMLflow UI:  patchflow ui --data-root {config.data_root}")
     _print_query_commands(results, config.data_root)
     return 0

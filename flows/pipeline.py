@@ -24,6 +24,7 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
 from data_shards.errors import is_transient
+from flows.headlines import headlines, markdown_table, wall_times
 from flows.lock import data_root_lock
 from tasks import clip_train, dit_stage, evaluate, index, latents, mae_pretrain, shard, tracking, vae_train
 from tasks.config import STAGES, ConfigError, PipelineConfig, load_config
@@ -83,12 +84,13 @@ def run_stage(stage: Any, config: Any, inputs: list[StageResult], context: Stage
         tracking.tag_run(context.parent_run_id, {f"stage.{name}": state,
                                                  f"stage.{name}.seconds": f"{time.monotonic() - started:.1f}"})
         raise
+    wall = time.monotonic() - started
     tracking.tag_run(context.parent_run_id, {f"stage.{name}": "reused" if reused else "ran",
-                                             f"stage.{name}.seconds": f"{time.monotonic() - started:.1f}",
+                                             f"stage.{name}.seconds": f"{wall:.1f}",
                                              f"stage.{name}.mlflow_run": result.mlflow_run_id or ""})
     if not reused and result.mlflow_run_id:  # the stage's own run keeps the record of what it wrote
         tracking.log_artifact_to(result.mlflow_run_id, result.manifest_path)
-    return result.model_copy(update={"reused": reused})
+    return result.model_copy(update={"reused": reused, "wall_s": wall})
 
 
 def _first_line(exc: BaseException) -> str:
@@ -129,7 +131,8 @@ def flow_summary(results: dict[str, StageResult], pipeline_run: Any) -> str:
     """The flow run's Prefect artifact: each stage's outcome and numbers, linked to its MLflow run."""
     link = lambda run_id: tracking.run_link(pipeline_run.info.experiment_id, run_id)  # noqa: E731
     lines = [f"# patchflow run ([MLflow]({link(pipeline_run.info.run_id)}))", "",
-             "| stage | outcome | metrics | MLflow run |", "|---|---|---|---|"]
+             "## Headline numbers", "", markdown_table(headlines(results)), "", f"Wall time: {wall_times(results)}", "",
+             "## Every stage", "", "| stage | outcome | metrics | MLflow run |", "|---|---|---|---|"]
     for name, result in results.items():
         numbers = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items()))
         run = f"[{result.mlflow_run_id[:8]}]({link(result.mlflow_run_id)})" if result.mlflow_run_id else ""

@@ -31,7 +31,7 @@ __all__ = [
     "MAE_DECODER_SIZES",
     "mae_from_name",
     "denormalize_pred",
-    "reconstruction_grid",
+    "reconstruction_tiles",
 ]
 
 # Per-patch target normalisation (norm_pix_loss) divides by sqrt(var + eps); shared with denormalize_pred.
@@ -333,7 +333,7 @@ def denormalize_pred(imgs: torch.Tensor, pred: torch.Tensor, patch_size: int) ->
 
 
 @torch.no_grad()
-def reconstruction_grid(
+def reconstruction_tiles(
     imgs: torch.Tensor,
     pred: torch.Tensor,
     mask: torch.Tensor,
@@ -341,11 +341,10 @@ def reconstruction_grid(
     max_images: int = 8,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    padding: int = 2,
 ) -> torch.Tensor:
-    """One picture of what MAE sees and rebuilds: per image a row original | masked | reconstruction.
+    """What MAE sees and rebuilds: per image the original, the masked input and the reconstruction.
 
-    Hidden patches are grey in the middle column; the reconstruction shows predictions only where
+    Hidden patches are grey in the masked image; the reconstruction shows predictions only where
     patches were hidden and the original pixels elsewhere, as the MAE paper's figures do.
 
     Args:
@@ -353,12 +352,11 @@ def reconstruction_grid(
         pred: (N, L, p*p*C) pixel predictions (pass ``denormalize_pred`` output after norm_pix_loss).
         mask: (N, L) 1 for hidden, 0 for visible.
         patch_size: side p of a patch.
-        max_images: rows to draw at most.
+        max_images: images to show at most.
         mean, std: per-channel input normalisation to undo; default none (images already in [0, 1]).
-        padding: white pixels between and around the tiles.
 
     Returns:
-        (C, rows * (H + padding) + padding, 3 * (W + padding) + padding) float tensor in [0, 1], on CPU.
+        (n, 3, C, H, W) float tensor in [0, 1] on the CPU: original, masked, reconstruction per image.
     """
     n = min(imgs.shape[0], max_images)
     imgs, pred, mask = (t[:n].detach().float().cpu() for t in (imgs, pred, mask))
@@ -380,11 +378,4 @@ def reconstruction_grid(
     recon = to_display(recon)  # (n, C, H, W)
     masked = original * (1 - pixel_mask) + 0.5 * pixel_mask  # (n, C, H, W)
     pasted = original * (1 - pixel_mask) + recon * pixel_mask  # (n, C, H, W)
-
-    grid = torch.ones(C, n * (H + padding) + padding, 3 * (W + padding) + padding)
-    for row in range(n):
-        top = padding + row * (H + padding)
-        for col, tile in enumerate((original[row], masked[row], pasted[row])):
-            left = padding + col * (W + padding)
-            grid[:, top : top + H, left : left + W] = tile
-    return grid
+    return torch.stack([original, masked, pasted], dim=1)

@@ -210,9 +210,13 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"pool how must be 'token' or 'avg', got {how!r}")
         return self.fc_norm(pooled)  # (N, D)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) -> pooled features (N, D), the head's input."""
+        return self.pool(self.forward_features(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (N, C, H, W) -> logits (N, num_classes), or pooled features (N, D) when num_classes=0."""
-        return self.head(self.pool(self.forward_features(x)))
+        return self.head(self.embed(x))
 
 
 def vit_from_name(size: str, **kwargs) -> VisionTransformer:

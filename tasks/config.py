@@ -219,7 +219,9 @@ class VAEConfig(StrictModel):
     """The frozen VAE for latent diffusion: pretrained TAEF2 weights, or a small one trained here."""
 
     pretrained_dir: str | None = Field(
-        default=None, description="Folder with taef2_encoder.pth and taef2_decoder.pth; None trains a small VAE.")
+        default=None, description="Folder with taef2_encoder.pth and taef2_decoder.pth; 'auto' finds them in the shared "
+                                  "data folder or the data root's downloads, or downloads them (SHA-256 pinned), else "
+                                  "trains a small VAE; None trains a small VAE.")
     latent_channels: int = Field(default=8, gt=0, description="Latent width of the VAE trained when none is given.")
     width: int = Field(default=32, gt=0)
     image_size: int = Field(default=32, gt=0)
@@ -286,7 +288,7 @@ class DiTConfig(StrictModel):
     sample_variance: Literal["fixed_small", "fixed_large"] = Field(
         default="fixed_large", description="DDPM step variance without learn_sigma: posterior beta~_t, or beta_t (DiT).")
     samples_per_class: int = Field(default=20, gt=0)
-    classifier_steps: int = Field(default=300, gt=0, description="Steps of the small ViT the stage trains on real images to score its samples.")
+    classifier_steps: int = Field(default=300, gt=0, description="Steps of the small CNN the stage trains on real images to score its samples (batch 64).")
     train: DiTTrainConfig = DiTTrainConfig()
 
     @field_validator("model")

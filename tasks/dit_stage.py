@@ -16,6 +16,7 @@ import torch
 from data_shards.errors import BadInputError
 from data_shards.atomic import sha256_file, write_json_atomic
 from data_shards.loader import evaluation_batches
+from models.convnet import ConvNetClassifier
 from models.diffusion import GaussianDiffusion
 from models.dit import DiT, dit_from_name
 from models.vae import parameter_fingerprint
@@ -25,14 +26,16 @@ from tasks.config import DiTConfig, OptimConfig, TrainConfig
 from tasks.devices import module_device, stage_device
 from tasks.distributed import DistInfo, init_distributed, launch_training, loss_ends, run_rank, shutdown_distributed
 from tasks.engine import TrainJob, seed_everything, train
-from tasks.finetune import build_encoder, train_classifier
+from tasks.finetune import train_classifier
 from tasks.latents import latent_batches, load_latents
+from tasks.pictures import labelled_grid, rows_of
 from tasks.quality import ImageClassifier, quality_scores
 from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
 from tasks.tracking import log_image, stage_run
 from tasks.vae_train import image_spec, load_vae
 
 STAGE = "dit_train"
+JUDGE_WIDTHS = (32, 64, 128)  # the scoring CNN's stages
 log = logging.getLogger("patchflow.dit")
 
 
@@ -86,32 +89,24 @@ def sample_images(model: DiT, diffusion: GaussianDiffusion, vae: torch.nn.Module
     return torch.cat(images)
 
 
-def image_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
-    """(N, C, H, W) → one (C, rows·H, columns·W) picture, row-major."""
-    n, c, h, w = images.shape
-    rows = -(-n // columns)
-    padded = torch.ones(rows * columns, c, h, w, device=images.device)
-    padded[:n] = images
-    return padded.view(rows, columns, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, columns * w)
-
-
 def scoring_classifier(shards: StageResult, image_size: int, config: DiTConfig, num_classes: int, output_dir: Path,
                        device: str = "cpu") -> ImageClassifier:
-    """A small ViT trained here on the real images, at the DiT's resolution, to score its samples (on
+    """A small CNN trained here on the real images, at the DiT's resolution, to score its samples (on
     ``device``, where it is returned).
 
     The stage's own, not the evaluation stage's fine-tuned classifier: a DiT's scores then never
     depend on probe or fine-tune settings, so changing those does not retrain the DiT, and two DiT runs
-    are always scored by the same judge.
+    are always scored by the same judge. A CNN, not a ViT: it is a measuring instrument, and at the
+    same cost it classifies far better (see ``models/convnet.py``).
     """
-    architecture = {"encoder_size": "nano", "image_size": image_size, "patch_size": 4, "in_chans": 3}
     seed_everything(0)
-    model = build_encoder(architecture, num_classes=num_classes)
+    model = ConvNetClassifier(in_chans=3, num_classes=num_classes, widths=JUDGE_WIDTHS).to(device)
     spec = image_spec(shards.manifest_path, "train", image_size, 64, augment="flip", mean=(0.5,) * 3, std=(0.5,) * 3)
     train_config = TrainConfig(steps=config.classifier_steps, batch_size=64, checkpoint_every=config.classifier_steps,
                                log_every=max(1, config.classifier_steps // 5), num_workers=0,
                                optim=OptimConfig(base_lr=4e-3, weight_decay=0.05, warmup_steps=config.classifier_steps // 10))
-    train_classifier(model, spec, train_config, output_dir / "classifier" / "checkpoints", architecture,
+    signature = {"judge": "convnet", "widths": list(JUDGE_WIDTHS), "image_size": image_size, "num_classes": num_classes}
+    train_classifier(model, spec, train_config, output_dir / "classifier" / "checkpoints", signature,
                      layer_decay=1.0, label_smoothing=0.0, dist=DistInfo(device=device))
     return ImageClassifier(model, image_size, 3, (0.5,) * 3, (0.5,) * 3)
 
@@ -147,11 +142,11 @@ def training_job(job_path: Path, dist: DistInfo) -> TrainJob:
     on_eval = None
     if dist.is_main:
         # The EMA model the hook gets lives on this rank's device: sample there, decode there.
-        vae, grid_labels = load_vae(vae_result).to(dist.device), torch.arange(len(classes)).repeat(2)
+        vae, grid_labels = load_vae(vae_result).to(dist.device), torch.arange(len(classes)).repeat_interleave(2)
 
         def on_eval(ema_model: DiT, step: int) -> None:
             samples = sample_images(ema_model, diffusion, vae, codec, grid_labels, config, seed=0)
-            log_image(image_grid(samples, len(classes)), f"samples/step-{step:06d}.png")
+            log_image(labelled_grid(rows_of(samples, 2), row_labels=classes), f"samples/step-{step:06d}.png")
 
     return TrainJob(
         model=model, loss_fn=lambda m, batch: diffusion.training_loss(m, batch["image"], y=batch["label"]),
@@ -217,9 +212,11 @@ def run(config: DiTConfig, inputs: list[StageResult], context: StageContext) -> 
         sample_labels = torch.arange(len(classes)).repeat_interleave(config.samples_per_class)
         generated = sample_images(ema, diffusion, vae, codec, sample_labels, config, seed=1)
         real, real_labels = real_images(shards, image_size, limit=max(len(sample_labels), 200))
-        scores = quality_scores(classifier, generated, sample_labels, real, real_labels)
-        by_class = sample_labels.argsort(stable=True).to(generated.device)
-        log_image(image_grid(generated[by_class][: 8 * len(classes)], 8), "samples_final.png")
+        with torch.no_grad():
+            reconstructed = torch.cat([vae(chunk.to(device)).float().cpu() for chunk in real.split(256)])
+        scores = quality_scores(classifier, generated, sample_labels, real, real_labels, reconstructed)
+        per_class = generated.view(len(classes), config.samples_per_class, *generated.shape[1:])  # labels are grouped
+        log_image(labelled_grid(per_class[:, :8], row_labels=classes), "samples_final.png")
         if parameter_fingerprint(vae) != fingerprint:
             raise BadInputError(f"the frozen VAE from {vae_result.output_dir} changed during DiT training")
         metrics = {**loss_ends(summary["losses"], 20), "latents_per_s": summary["images_per_s"], "train_wall_s": summary["wall_s"], **scores}

@@ -137,22 +137,25 @@ def classification_loss(label_smoothing: float):
 
 
 def classifier_job(
-    model: VisionTransformer, loader: LoaderSpec, train_config: TrainConfig, checkpoint_dir: Path,
+    model: nn.Module, loader: LoaderSpec, train_config: TrainConfig, checkpoint_dir: Path,
     signature: dict[str, Any], layer_decay: float, label_smoothing: float, log_metrics=None,
     stop_after: int | None = None, dist: DistInfo | None = None,
 ) -> TrainJob:
-    """Fine-tuning (or, from random weights, training from scratch) ``model`` as a job of the shared engine."""
+    """Fine-tuning (or, from random weights, training from scratch) ``model`` as a job of the shared engine.
+    ``layer_decay`` below 1 needs a ViT (its blocks are the layers); any classifier trains with 1."""
     seed_everything(train_config.seed)
+    if layer_decay < 1.0 and not isinstance(model, VisionTransformer):
+        raise ValueError(f"layer_decay {layer_decay} needs a VisionTransformer, got {type(model).__name__}")
+    groups = (lambda m, wd: layer_decay_groups(m, wd, layer_decay)) if layer_decay < 1.0 else None
     return TrainJob(
         model=model, loss_fn=classification_loss(label_smoothing),
         batches=lambda epoch, skip: training_batches(loader, epoch, skip), config=train_config,
         checkpoint_dir=checkpoint_dir, signature=signature, log_metrics=log_metrics,
-        param_groups=lambda m, wd: layer_decay_groups(m, wd, layer_decay), stop_after=stop_after,
-        dist=dist or DistInfo(),
+        param_groups=groups, stop_after=stop_after, dist=dist or DistInfo(),
     )
 
 
-def train_classifier(model: VisionTransformer, loader: LoaderSpec, train_config: TrainConfig, checkpoint_dir: Path,
+def train_classifier(model: nn.Module, loader: LoaderSpec, train_config: TrainConfig, checkpoint_dir: Path,
                      signature: dict[str, Any], layer_decay: float, label_smoothing: float, **options: Any) -> TrainSummary:
     """Run :func:`classifier_job` in this process (``options``: log_metrics, stop_after, dist)."""
     return train(classifier_job(model, loader, train_config, checkpoint_dir, signature, layer_decay, label_smoothing,

@@ -17,16 +17,18 @@ import torch
 from data_shards.errors import BadInputError
 from data_shards.atomic import sha256_file, write_json_atomic
 from data_shards.loader import LoaderSpec, evaluation_batches, split_shards, training_batches
-from models.mae import MaskedAutoencoder, denormalize_pred, mae_from_name, reconstruction_grid
+from models.mae import MaskedAutoencoder, denormalize_pred, mae_from_name, reconstruction_tiles
 from tasks import tracking
 from tasks.checkpoint import save_torch_atomic
 from tasks.config import MAEConfig
 from tasks.distributed import DistInfo, init_distributed, launch_training, loss_ends, run_rank, shutdown_distributed
 from tasks.engine import TrainJob, TrainSummary, seed_everything, train
+from tasks.pictures import labelled_grid
 from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
 from tasks.tracking import log_image, stage_run
 
 STAGE = "mae_pretrain"
+RECONSTRUCTION_COLUMNS = ("original", "masked", "reconstruction")
 log = logging.getLogger("patchflow.mae")
 
 
@@ -78,7 +80,8 @@ def _reconstruction_logger(config: MAEConfig, manifest: str, geometry: dict, dev
         loss, pred, mask = model(images, generator=generator)
         if model.norm_pix_loss:
             pred = denormalize_pred(images, pred, model.patch_size)
-        grid = reconstruction_grid(images, pred, mask, model.patch_size, mean=geometry["mean"], std=geometry["std"])
+        tiles = reconstruction_tiles(images, pred, mask, model.patch_size, mean=geometry["mean"], std=geometry["std"])
+        grid = labelled_grid(tiles, column_labels=RECONSTRUCTION_COLUMNS)
         tracking.log_metrics({"val_loss": float(loss)}, step=step)
         log_image(grid, f"reconstruction/step-{step:06d}.png")
 

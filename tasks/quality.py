@@ -6,17 +6,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from models.vit import VisionTransformer
 from tasks.devices import module_device
 
 
 @dataclass
 class ImageClassifier:
-    """A ViT classifier plus how to turn RGB images in [0, 1] into its inputs."""
+    """A classifier (``embed`` gives its penultimate features, ``head`` maps them to logits, as
+    ``VisionTransformer`` and ``ConvNetClassifier`` do) plus how to turn RGB images in [0, 1] into its inputs."""
 
-    model: VisionTransformer
+    model: nn.Module
     image_size: int
     channels: int
     mean: tuple[float, ...]
@@ -39,8 +40,7 @@ class ImageClassifier:
         device = module_device(self.model)
         logits, features = [], []
         for start in range(0, len(rgb01), batch_size):
-            tokens = self.model.forward_features(self.prepare(rgb01[start:start + batch_size].to(device)))
-            pooled = self.model.pool(tokens)  # (n, D)
+            pooled = self.model.embed(self.prepare(rgb01[start:start + batch_size].to(device)))  # (n, D)
             features.append(pooled.float().cpu())
             logits.append(self.model.head(pooled).float().cpu())
         return torch.cat(logits), torch.cat(features)
@@ -63,14 +63,21 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def quality_scores(classifier: ImageClassifier, generated: torch.Tensor, generated_labels: torch.Tensor,
-                   real: torch.Tensor, real_labels: torch.Tensor) -> dict[str, float]:
-    """Sample accuracy and Fréchet distance, with the real-image ceiling and floor beside them."""
+                   real: torch.Tensor, real_labels: torch.Tensor,
+                   reconstructed: torch.Tensor | None = None) -> dict[str, float]:
+    """Sample accuracy and Fréchet distance, with the real-image ceiling and floor beside them; with
+    ``reconstructed`` (the real images through the VAE), also the accuracy on those: the ceiling for
+    samples decoded by the same VAE, which tells a VAE's limit from the generator's."""
+    accuracy = lambda logits, labels: float((logits.argmax(1) == labels.cpu()).float().mean())  # noqa: E731
     gen_logits, gen_features = classifier.logits_and_features(generated)
     real_logits, real_features = classifier.logits_and_features(real)
     half = len(real_features) // 2
-    return {
-        "sample_accuracy": float((gen_logits.argmax(1) == generated_labels.cpu()).float().mean()),
-        "real_accuracy": float((real_logits.argmax(1) == real_labels.cpu()).float().mean()),
+    scores = {
+        "sample_accuracy": accuracy(gen_logits, generated_labels),
+        "real_accuracy": accuracy(real_logits, real_labels),
         "frechet_distance": frechet_distance(gen_features, real_features),
         "real_frechet_distance": frechet_distance(real_features[:half], real_features[half:2 * half]),
     }
+    if reconstructed is not None:
+        scores["reconstruction_accuracy"] = accuracy(classifier.logits_and_features(reconstructed)[0], real_labels)
+    return scores

@@ -46,6 +46,7 @@ class StageResult(BaseModel):
     metrics: dict[str, float] = {}
     mlflow_run_id: str | None = None
     reused: bool = False
+    wall_s: float = 0.0  # this flow run's time in the stage (near zero when reused)
 
     def manifest(self) -> dict[str, Any]:
         return json.loads(Path(self.manifest_path).read_text())

@@ -1,7 +1,7 @@
 """The ``vae`` stage: the frozen autoencoder whose latent space the DiT learns.
 
-With ``vae.pretrained_dir`` it loads the TAEF2 tiny autoencoder strictly; without, it trains a small
-one of the same architecture on the shards with the shared engine, so the pipeline runs end to end
+With ``vae.pretrained_dir`` it loads the TAEF2 tiny autoencoder strictly (``auto`` finds or downloads
+it: ``tasks/pretrained.py``); without, it trains a small one of the same architecture on the shards with the shared engine, so the pipeline runs end to end
 with no external weights. Either way it measures reconstruction PSNR on val and estimates the
 per-channel latent shift/scale the diffusion model normalises with.
 """
@@ -28,11 +28,12 @@ from tasks.devices import module_device, stage_device
 from tasks.distributed import DistInfo
 from tasks.engine import TrainJob, seed_everything, train
 from tasks.features import random_subset
+from tasks.pictures import labelled_grid
+from tasks.pretrained import TAEF2_FILES, resolve_pretrained_dir
 from tasks.stage import StageContext, StageResult, finished_result, stage_output_dir, write_manifest
 from tasks.tracking import log_image, stage_run
 
 STAGE = "vae"
-PRETRAINED_FILES = ("taef2_encoder.pth", "taef2_decoder.pth")
 log = logging.getLogger("patchflow.vae")
 
 
@@ -49,7 +50,7 @@ def image_spec(shards_manifest: str, split: str, image_size: int, batch_size: in
 
 def load_pretrained(folder: str) -> TinyAutoencoder:
     states = []
-    for name in PRETRAINED_FILES:
+    for name in TAEF2_FILES:
         path = Path(folder).expanduser() / name
         if not path.is_file():
             raise BadInputError(f"vae.pretrained_dir: {path} does not exist")
@@ -105,7 +106,7 @@ def latent_statistics(vae: TinyAutoencoder, spec: LoaderSpec, max_images: int = 
 
 @torch.no_grad()
 def reconstruction_psnr(vae: TinyAutoencoder, spec: LoaderSpec, max_images: int = 256) -> tuple[float, torch.Tensor]:
-    """Mean PSNR (dB) over val images, and a grid of originals above their reconstructions."""
+    """Mean PSNR (dB) over val images, and a labelled grid of originals above their reconstructions."""
     scores, first = [], None
     device = module_device(vae)
     for batch in islice(evaluation_batches(spec), -(-max_images // spec.batch_size)):
@@ -113,9 +114,8 @@ def reconstruction_psnr(vae: TinyAutoencoder, spec: LoaderSpec, max_images: int 
         recon = vae.decode(vae.encode(images.to(device))).float().cpu()
         mse = ((recon - images) ** 2).flatten(1).mean(1).clamp_min(1e-10)
         scores.append(10 * torch.log10(1.0 / mse))
-        first = first if first is not None else torch.cat([images[:8], recon[:8]])
-    grid = torch.cat([torch.cat(list(first[:len(first) // 2]), dim=2), torch.cat(list(first[len(first) // 2:]), dim=2)], dim=1)
-    return float(torch.cat(scores).mean()), grid
+        first = first if first is not None else torch.stack([images[:8], recon[:8]])  # (2, n, C, H, W)
+    return float(torch.cat(scores).mean()), labelled_grid(first, row_labels=("original", "reconstruction"))
 
 
 def load_vae(result: StageResult) -> TinyAutoencoder:
@@ -127,11 +127,13 @@ def load_vae(result: StageResult) -> TinyAutoencoder:
 
 
 def external_inputs(config: VAEConfig, data_root: Path) -> dict[str, str]:
-    """The pretrained weights' bytes when the VAE is loaded rather than trained (a few MB: hashed)."""
-    if config.pretrained_dir is None:
+    """The pretrained weights' bytes when the VAE is loaded rather than trained (a few MB: hashed).
+    With ``auto`` and no weights to be had, none: a small VAE is trained (and weights found later make a
+    new key)."""
+    folder = resolve_pretrained_dir(config.pretrained_dir, data_root)
+    if folder is None:
         return {}
-    folder = Path(config.pretrained_dir).expanduser()
-    return {"pretrained_weights": fingerprint("vae_weights", [content_entry(folder / name, name) for name in PRETRAINED_FILES])}
+    return {"pretrained_weights": fingerprint("vae_weights", [content_entry(folder / name, name) for name in TAEF2_FILES])}
 
 
 def run(config: VAEConfig, inputs: list[StageResult], context: StageContext) -> StageResult:
@@ -141,7 +143,8 @@ def run(config: VAEConfig, inputs: list[StageResult], context: StageContext) -> 
     done = finished_result(output_dir)
     if done is not None:
         return done
-    vae = load_pretrained(config.pretrained_dir) if config.pretrained_dir else None  # bad weights fail first
+    weights = resolve_pretrained_dir(config.pretrained_dir, context.data_root)
+    vae = load_pretrained(str(weights)) if weights else None  # bad weights fail first
     device = stage_device(context)
     output_dir.mkdir(parents=True, exist_ok=True)
     with stage_run(STAGE, context.data_root, context.parent_run_id, params=config.model_dump(mode="json"),
@@ -155,7 +158,7 @@ def run(config: VAEConfig, inputs: list[StageResult], context: StageContext) -> 
         constructor = {"latent_channels": vae.encoder[-1].out_channels, "width": vae.encoder[0].out_channels,
                        "midblock_gn": any(".pool." in name for name, _ in vae.named_parameters())}
         outputs = {"vae": {"path": "vae.pt", "sha256": sha256_file(output_dir / "vae.pt")}, "constructor": constructor,
-                   "pretrained": config.pretrained_dir is not None, "latent_stats": stats, "downsample_factor": 8,
+                   "pretrained": weights is not None, "latent_stats": stats, "downsample_factor": 8,
                    "image_size": config.image_size, "parameter_fingerprint": parameter_fingerprint(vae)}
         metrics = {"val_psnr": psnr, "latent_channels": float(constructor["latent_channels"])}
         tracking.log_metrics(metrics)

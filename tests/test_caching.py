@@ -195,12 +195,12 @@ def test_fashion_mnist_fetched_by_the_first_run_is_reused_by_the_next(tmp_path, 
 def test_pretrained_vae_weights_are_part_of_the_vae_key(tmp_path):
     weights = tmp_path / "taef2"
     weights.mkdir()
-    for name in vae_train.PRETRAINED_FILES:
+    for name in vae_train.TAEF2_FILES:
         (weights / name).write_bytes(b"weights-v1")
     upstream = [StageResult(stage="shard", output_dir="x", manifest_path="x/manifest.json", digest="abc")]
     config = VAEConfig(pretrained_dir=str(weights))
     first = stage_output_dir(tmp_path, "vae", config, upstream)
-    (weights / vae_train.PRETRAINED_FILES[1]).write_bytes(b"weights-v2")
+    (weights / vae_train.TAEF2_FILES[1]).write_bytes(b"weights-v2")
     assert stage_output_dir(tmp_path, "vae", config, upstream) != first
     assert vae_train.external_inputs(VAEConfig(), tmp_path) == {}  # trained here: nothing outside the data root
 

@@ -344,3 +344,15 @@ def test_learned_variance_spans_fixed_small_to_fixed_large_in_ddpm_sampling():
     assert torch.isfinite(guided).all()
     with pytest.raises(ValueError, match="variance"):
         draw(constant_model(None), "learned")
+
+
+def test_scoring_convnet_embeds_to_its_last_width_and_refuses_a_side_it_cannot_pool():
+    from models.convnet import ConvNetClassifier
+
+    net = ConvNetClassifier(in_chans=3, num_classes=10, widths=(8, 16, 24)).eval()
+    images = torch.rand(5, 3, 32, 32)
+    features = net.embed(images)
+    assert features.shape == (5, 24)
+    torch.testing.assert_close(net(images), net.head(features))
+    with pytest.raises(ValueError, match=r"\(30, 30\) is not divisible by 4"):
+        net.embed(torch.rand(1, 3, 30, 30))

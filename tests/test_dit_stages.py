@@ -46,7 +46,7 @@ def test_pretrained_taef2_loads_strictly_and_reconstructs(tmp_path):
 
 def test_wrong_shaped_vae_weights_are_named(tmp_path):
     weights = require_shared("taesd")
-    for name in vae_train.PRETRAINED_FILES:
+    for name in vae_train.TAEF2_FILES:
         state = torch.load(weights / name, weights_only=True)
         if "encoder" in name:
             state["13.conv.0.weight"] = torch.zeros(64, 64, 1, 1)  # not a key the sizes are inferred from
@@ -105,7 +105,7 @@ def test_dit_training_lowers_the_loss_scores_samples_and_keeps_the_vae_frozen(br
     result = dit_stage.run(config, [shards, vae, lat], context)
     metrics = result.metrics
     assert metrics["final_loss"] < 0.9 * metrics["first_loss"]
-    for name in ("sample_accuracy", "real_accuracy", "frechet_distance", "real_frechet_distance"):
+    for name in ("sample_accuracy", "real_accuracy", "reconstruction_accuracy", "frechet_distance", "real_frechet_distance"):
         assert math.isfinite(metrics[name])
     assert metrics["real_accuracy"] > 0.3  # the classifier learned something
     assert metrics["real_frechet_distance"] >= 0 and metrics["frechet_distance"] >= 0
@@ -311,12 +311,9 @@ def test_a_gpu_host_trains_the_vae_and_scores_on_the_gpu(monkeypatch, tmp_path):
     assert jobs[0].dist.device == "cuda"
 
     class Classifier(_DeviceRecorder):
-        def forward_features(self, x):
+        def embed(self, x):
             self.seen.append(x.device.type)
-            return torch.ones(len(x), 2, 4)
-
-        def pool(self, tokens):
-            return tokens.mean(1)
+            return torch.ones(len(x), 4)
 
         def head(self, pooled):
             return pooled[:, :2]

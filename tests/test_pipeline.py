@@ -1,6 +1,7 @@
 """The whole flow through Prefect and MLflow: stages run once, then come back Cached."""
 
 import asyncio
+import json
 import shutil
 from pathlib import Path
 
@@ -45,6 +46,17 @@ def test_second_pipeline_run_is_cached_and_mlflow_has_nested_runs(prefect_harnes
     assert _task_states(second.state_details.flow_run_id) == once("Cached")
     assert {k: r.output_dir for k, r in first.result().items()} == {k: r.output_dir for k, r in second.result().items()}
 
+    # The last screen's headline table: each number read from the stage's manifest, beside its baseline.
+    from flows.headlines import headlines, wall_times
+
+    rows = {(row.stage, row.measure): row for row in headlines(first.result())}
+    logged = json.loads(Path(first.result()["evaluate"].manifest_path).read_text())["metrics"]
+    probe = rows[("evaluate", "MAE linear probe top-1")]
+    assert probe.value == f"{100 * logged['mae_linear_top1']:.2f}%"
+    assert probe.baseline.startswith(f"raw pixels {100 * logged['pixels_linear_top1']:.2f}%")
+    assert {row.stage for row in rows.values()} == {"evaluate", "clip_train", "vae", "dit_train", "index"}
+    assert "reused" not in wall_times(first.result()) and wall_times(second.result()).count("reused") == len(stages) + 1
+
     # A stage whose outputs are gone (deleted, or never finished) runs again; the rest stay Cached.
     shutil.rmtree(first.result()["dit_train"].output_dir)
     third = pipeline(preset="smoke", overrides=overrides, data_root=str(tmp_path), return_state=True)
@@ -85,6 +97,7 @@ def test_second_pipeline_run_is_cached_and_mlflow_has_nested_runs(prefect_harnes
 
     summary = Artifact.get("patchflow-run-summary", _sync=True)
     assert "| evaluate | reused |" in summary.data and "#/experiments/" in summary.data
+    assert "| evaluate | MAE linear probe top-1 |" in summary.data and "Wall time: shard " in summary.data
 
     # The trained models are registered: loadable by alias, one version per distinct set of weights.
     encoder = mlflow.pytorch.load_model("models:/patchflow-mae-encoder@champion")

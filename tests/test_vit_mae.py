@@ -14,7 +14,7 @@ from models.mae import (
     mae_from_name,
     patchify,
     random_masking,
-    reconstruction_grid,
+    reconstruction_tiles,
     unpatchify,
 )
 from models.layers import Attention, PatchEmbed, sincos_position_embedding_2d
@@ -198,23 +198,21 @@ def test_overfit_fixed_batch_lowers_loss() -> None:
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_reconstruction_grid_shape_range_and_pasting() -> None:
+def test_reconstruction_tiles_show_original_masked_and_pasted_reconstruction() -> None:
     imgs = torch.rand(3, 3, 8, 8)
     pred = torch.full((3, 4, 48), 5.0)  # out of range on purpose: must be clamped
     mask = torch.tensor([[1.0, 0.0, 0.0, 1.0]] * 3)
-    grid = reconstruction_grid(imgs, pred, mask, patch_size=4, max_images=2, padding=1)
-    assert grid.shape == (3, 2 * 9 + 1, 3 * 9 + 1)
-    assert grid.min() >= 0 and grid.max() <= 1
-    original = grid[:, 1:9, 1:9]
-    masked = grid[:, 1:9, 10:18]
-    recon = grid[:, 1:9, 19:27]
+    tiles = reconstruction_tiles(imgs, pred, mask, patch_size=4, max_images=2)
+    assert tiles.shape == (2, 3, 3, 8, 8)
+    assert tiles.min() >= 0 and tiles.max() <= 1
+    original, masked, recon = tiles[0]
     assert torch.equal(original, imgs[0])
     assert torch.all(masked[:, :4, :4] == 0.5) and torch.equal(masked[:, :4, 4:], imgs[0][:, :4, 4:])
     assert torch.all(recon[:, :4, :4] == 1.0) and torch.equal(recon[:, 4:, :4], imgs[0][:, 4:, :4])
 
     normalised = (imgs - 0.5) / 0.25
-    undone = reconstruction_grid(normalised, pred, mask, 4, max_images=1, mean=[0.5] * 3, std=[0.25] * 3, padding=0)
-    assert torch.allclose(undone[:, :, :8], imgs[0])
+    undone = reconstruction_tiles(normalised, pred, mask, 4, max_images=1, mean=[0.5] * 3, std=[0.25] * 3)
+    assert torch.allclose(undone[0, 0], imgs[0])
 
 
 # ----------------------------------------------------------------------------- ViT parts
