@@ -40,7 +40,9 @@ def _run(args: argparse.Namespace) -> int:
     print("\nOutputs (every metric is in each folder's manifest.json and in MLflow):")
     for name, result in results.items():
         print(f"  {name:14s} {result.output_dir}")
-    print(f"\nWhat this run measured, each beside its baseline:\n{text_table(headlines(results))}")
+    rows = headlines(results)
+    if rows:  # stages such as shard or mae_pretrain alone have no headline number
+        print(f"\nWhat this run measured, each beside its baseline:\n{text_table(rows)}")
     print(f"\nWall time: {wall_times(results)}")
     print(f"\nMLflow UI:  patchflow ui --data-root {config.data_root}")
     _print_query_commands(results, config.data_root)
@@ -313,7 +315,8 @@ def _report_failure(exc: Exception, log: CommandLog) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils", "faiss.loader"):
+    # Library chatter: e.g. four mlflow.system_metrics lines per training stage ("Skip logging GPU metrics", ...).
+    for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils", "mlflow.system_metrics", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)

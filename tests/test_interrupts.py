@@ -130,6 +130,9 @@ def test_ctrl_c_stops_everything_with_130_and_the_next_run_resumes(tmp_path):
     assert re.search(r"removed [1-9][0-9]* unfinished staging", rerun.stdout) and not stale.exists()
     assert "resuming from step" in rerun.stdout  # training went on from its checkpoint
     assert "shard reused" in rerun.stdout or "Cached" in rerun.stdout
+    # The last screen: each stage's wall time, and no library chatter (MLflow's system-metrics lines).
+    assert re.search(r"Wall time: shard reused · mae_pretrain (\d+ min )?\d+ s · stages total", rerun.stdout), rerun.stdout[-1500:]
+    assert "mlflow.system_metrics" not in rerun.stdout
 
 
 @pytest.mark.slow
