@@ -11,7 +11,7 @@ bin="$repo/.venv/bin"
 profile=$(mktemp -d)
 servers=()
 # Each server in a session of its own, so the whole group (uvicorn workers included) stops at the end.
-trap 'for group in "${servers[@]}"; do kill -- "-$group" 2>/dev/null; done; rm -rf "$profile"' EXIT
+trap 'for group in "${servers[@]}"; do kill -- "-$group" 2>/dev/null || true; done; rm -rf "$profile"' EXIT
 
 setsid "$bin/patchflow" ui --data-root "$root" --port 5055 >/dev/null 2>&1 &
 servers+=($!)
@@ -20,6 +20,7 @@ PREFECT_HOME="$root/prefect" PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_UI_A
 servers+=($!)
 for url in http://127.0.0.1:5055/ http://127.0.0.1:4299/api/health; do
   for _ in $(seq 60); do curl -sf -o /dev/null "$url" && break; sleep 1; done
+  curl -sf -o /dev/null "$url" || { echo "no server answered at $url within 60 s (port taken?)" >&2; exit 1; }
 done
 
 ids=$("$bin/python" - "$root" <<'PY'
@@ -28,7 +29,7 @@ from mlflow.tracking import MlflowClient
 client = MlflowClient(f"sqlite:///{sys.argv[1]}/mlflow.db")
 runs = client.search_runs(["1"], order_by=["attributes.start_time DESC"])
 stage = lambda name: next(r.info.run_id for r in runs if r.data.tags.get("patchflow.stage") == name)
-request = urllib.request.Request("http://127.0.0.1:4299/api/flow_runs/filter", data=b'{"limit": 20, "sort": "START_TIME_DESC"}',
+request = urllib.request.Request("http://127.0.0.1:4299/api/flow_runs/filter", data=b'{"limit": 20, "sort": "START_TIME_DESC", "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}',
                                  headers={"Content-Type": "application/json"})
 flow_run = max(json.load(urllib.request.urlopen(request)), key=lambda run: run["total_run_time"])["id"]  # a run that ran, not a cached one
 print(stage("dit_train"), stage("mae_pretrain"), flow_run)

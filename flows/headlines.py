@@ -37,6 +37,7 @@ class _Spec:
     key: str
     baselines: tuple[tuple[str, str], ...] = ()
     show: Callable[[float], str] = _percent
+    note: Callable[[Metrics], str] | None = None  # said after the baselines, from the same metrics
 
 
 SPECS = (
@@ -49,7 +50,8 @@ SPECS = (
            ("chance", "chance_recall_at_10"))),
     _Spec("clip_train", "CLIP zero-shot top-1", "trained_zero_shot_top1",
           (("chance", "chance_zero_shot_top1"), ("majority class", "majority_zero_shot_top1"))),
-    _Spec("vae", "VAE val PSNR", "val_psnr", show=lambda v: f"{v:.1f} dB"),
+    _Spec("vae", "VAE val PSNR", "val_psnr", show=lambda v: f"{v:.1f} dB",
+          note=lambda m: {1.0: "pretrained TAEF2", 0.0: "a small VAE trained here"}.get(m.get("pretrained", -1.0), "")),
     _Spec("dit_train", "DiT samples classified as their class", "sample_accuracy",
           (("the judge on real images", "real_accuracy"),
            ("on real images through the VAE", "reconstruction_accuracy"))),
@@ -73,9 +75,9 @@ def headlines(results: Mapping[str, StageResult]) -> list[Headline]:
         if result is None or spec.key not in result.metrics:
             continue
         show = spec.show
-        baselines = " · ".join(f"{label} {show(result.metrics[key])}" for label, key in spec.baselines
-                               if key in result.metrics)
-        rows.append(Headline(spec.stage, spec.measure, show(result.metrics[spec.key]), baselines))
+        said = [f"{label} {show(result.metrics[key])}" for label, key in spec.baselines if key in result.metrics]
+        said += [spec.note(result.metrics)] if spec.note else []
+        rows.append(Headline(spec.stage, spec.measure, show(result.metrics[spec.key]), " · ".join(filter(None, said))))
     if "index" in results:
         rows += _index_headlines(results["index"].metrics)
     return rows

@@ -198,14 +198,23 @@ def run_rank(worker: Callable[[Path], Any], job_path: str) -> NoReturn:
         else:
             worker(Path(job_path))
     except BaseException as exc:
-        if isinstance(exc, PatchflowError):
-            job = Path(job_path)
-            write_json_atomic(job.with_name(f"{job.stem}.error-rank{rank}.json"),
-                              {"rank": rank, "type": type(exc).__name__, "message": str(exc), "hint": exc.hint,
-                               "transient": is_transient(exc)})
-        traceback.print_exc()
-        _leave_rank(1)
+        # Ctrl-C and sys.exit keep their codes; whatever happens while reporting, the rank still leaves here.
+        code = 130 if isinstance(exc, KeyboardInterrupt) else _exit_code(exc) if isinstance(exc, SystemExit) else 1
+        try:
+            if isinstance(exc, PatchflowError):
+                job = Path(job_path)
+                write_json_atomic(job.with_name(f"{job.stem}.error-rank{rank}.json"),
+                                  {"rank": rank, "type": type(exc).__name__, "message": str(exc), "hint": exc.hint,
+                                   "transient": is_transient(exc)})
+            if code not in (0, 130):
+                traceback.print_exc()
+        finally:
+            _leave_rank(code)
     _leave_rank(0)
+
+
+def _exit_code(exc: SystemExit) -> int:
+    return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
 
 
 def _leave_rank(code: int) -> NoReturn:

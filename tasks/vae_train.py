@@ -160,7 +160,8 @@ def run(config: VAEConfig, inputs: list[StageResult], context: StageContext) -> 
         outputs = {"vae": {"path": "vae.pt", "sha256": sha256_file(output_dir / "vae.pt")}, "constructor": constructor,
                    "pretrained": weights is not None, "latent_stats": stats, "downsample_factor": 8,
                    "image_size": config.image_size, "parameter_fingerprint": parameter_fingerprint(vae)}
-        metrics = {"val_psnr": psnr, "latent_channels": float(constructor["latent_channels"])}
+        metrics = {"val_psnr": psnr, "latent_channels": float(constructor["latent_channels"]),
+                   "pretrained": float(weights is not None)}
         tracking.log_metrics(metrics)
         log.info("vae: %s, val PSNR %.2f dB", "pretrained TAEF2" if outputs["pretrained"] else "trained here", psnr)
         return write_manifest(output_dir, STAGE, config, inputs, outputs, metrics, tracked.info.run_id, external)

@@ -55,6 +55,7 @@ def test_second_pipeline_run_is_cached_and_mlflow_has_nested_runs(prefect_harnes
     assert probe.value == f"{100 * logged['mae_linear_top1']:.2f}%"
     assert probe.baseline.startswith(f"raw pixels {100 * logged['pixels_linear_top1']:.2f}%")
     assert {row.stage for row in rows.values()} == {"evaluate", "clip_train", "vae", "dit_train", "index"}
+    assert rows[("vae", "VAE val PSNR")].baseline == "a small VAE trained here"  # smoke has no pretrained weights
     assert "reused" not in wall_times(first.result()) and wall_times(second.result()).count("reused") == len(stages) + 1
 
     # A stage whose outputs are gone (deleted, or never finished) runs again; the rest stay Cached.

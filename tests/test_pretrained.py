@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from data_shards.errors import BadInputError
 from tasks import pretrained
 from tests._shared_data import require_shared
 
@@ -69,14 +70,52 @@ def test_auto_downloads_the_pinned_weights_once_into_the_data_root(taef2_bytes, 
     assert pretrained.resolve_pretrained_dir("auto", root) == found and len(requests) == 2
 
 
-def test_a_download_that_fails_its_hash_leaves_nothing_and_falls_back_to_training(served, tmp_path, caplog):
+def test_a_download_whose_bytes_are_not_the_pinned_ones_stops_the_run_and_leaves_nothing(served, tmp_path):
     folder, _ = served
     for name in pretrained.TAEF2_FILES:
         (folder / name).write_bytes(b"not the weights")
+    with pytest.raises(BadInputError, match=r"taef2_encoder.pth: downloaded 15 bytes whose SHA-256 .* is not the pinned "
+                                            r"10a4e1021e89"):
+        pretrained.resolve_pretrained_dir("auto", tmp_path)
+    downloads = tmp_path / "downloads" / "taef2"
+    assert not downloads.exists() or not any(downloads.iterdir())  # no file, no temporary left behind
+
+
+def test_a_download_cut_short_falls_back_to_training_and_names_the_url(served, tmp_path, caplog, monkeypatch):
+    class CutShort(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # promises 1 MB, sends 10 bytes, hangs up
+            self.send_response(200)
+            self.send_header("Content-Length", str(1 << 20))
+            self.end_headers()
+            self.wfile.write(b"0123456789")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(pretrained, "TAEF2_URL", f"http://127.0.0.1:{server.server_address[1]}/")
+    try:
+        with caplog.at_level(logging.WARNING, logger="patchflow.vae"):
+            assert pretrained.resolve_pretrained_dir("auto", tmp_path) is None
+    finally:
+        server.shutdown()
+    assert "IncompleteRead" in caplog.text and "training a small VAE instead" in caplog.text
+
+
+def test_found_weights_that_are_not_the_pinned_ones_are_skipped(taef2_bytes, served, tmp_path, monkeypatch, caplog):
+    folder, requests = served
+    for name, data in taef2_bytes.items():
+        (folder / name).write_bytes(data)
+    shared = tmp_path / "shared"
+    (shared / "taesd").mkdir(parents=True)
+    for name, data in taef2_bytes.items():
+        (shared / "taesd" / name).write_bytes(data[:-1] + b"x")  # one byte changed
+    monkeypatch.setenv("PATCHFLOW_SHARED_DATA", str(shared))
     with caplog.at_level(logging.WARNING, logger="patchflow.vae"):
-        assert pretrained.resolve_pretrained_dir("auto", tmp_path) is None
-    assert "is not the pinned 10a4e1021e89" in caplog.text and "training a small VAE instead" in caplog.text
-    assert not any((tmp_path / "downloads").rglob("*"))  # no file, no temporary left behind
+        found = pretrained.resolve_pretrained_dir("auto", tmp_path / "root")
+    assert found == (tmp_path / "root").resolve() / "downloads" / "taef2" and len(requests) == 2
+    assert f"skipping {shared / 'taesd'}" in caplog.text
 
 
 def test_an_unreachable_server_is_named_and_the_run_trains_a_small_vae(served, tmp_path, caplog, monkeypatch):
