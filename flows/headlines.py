@@ -89,7 +89,7 @@ def _duration(seconds: float) -> str:
 
 
 def wall_times(results: Mapping[str, StageResult]) -> str:
-    """"shard 7 s · mae_pretrain 57 s (reused) · … · total 9 min 05 s"."""
+    """"shard reused · mae_pretrain 3 min 29 s · … · stages total 9 min 48 s"."""
     parts = [f"{name} {'reused' if result.reused else _duration(result.wall_s)}" for name, result in results.items()]
     total = sum(result.wall_s for result in results.values())
     return " · ".join(parts + [f"stages total {_duration(total)}"])

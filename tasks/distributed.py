@@ -185,7 +185,7 @@ def rank_failure(job_path: Path) -> PatchflowError | None:
 def run_rank(worker: Callable[[Path], Any], job_path: str) -> NoReturn:
     """A torchrun rank's entry point: rank 0 attaches to the launching stage's MLflow run; an expected
     failure is also written beside the job file for the launcher (torchrun passes on only an exit code).
-    The rank then leaves without interpreter finalization (see :func:`_leave_rank`)."""
+    The rank then leaves without interpreter finalization (see :func:`leave_process`)."""
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(name)s %(message)s")
     try:
@@ -209,15 +209,15 @@ def run_rank(worker: Callable[[Path], Any], job_path: str) -> NoReturn:
             if code not in (0, 130):
                 traceback.print_exc()
         finally:
-            _leave_rank(code)
-    _leave_rank(0)
+            leave_process(code)
+    leave_process(0)
 
 
 def _exit_code(exc: SystemExit) -> int:
     return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
 
 
-def _leave_rank(code: int) -> NoReturn:
+def leave_process(code: int) -> NoReturn:
     """Exit a rank without Python's finalization. A gloo worker thread can still be dropping the last
     finished collective, whose saved thread-local state holds a Python object; a thread that takes the
     GIL during finalization is ended with pthread_exit, which a C++ thread turns into std::terminate:

@@ -55,7 +55,7 @@ def labelled_grid(tiles: torch.Tensor, row_labels: Sequence[str] | None = None,
     top = padding + (LABEL_PX + 2 * padding if column_labels else 0)
     canvas = Image.new("RGB", (left + columns * (tile_w + padding), top + rows * (tile_h + padding)), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    pixels = (big.permute(0, 1, 3, 4, 2).mul(255).round().byte().numpy())  # (R, K, sH, sW, 3)
+    pixels = big.permute(0, 1, 3, 4, 2).mul(255).round().byte().numpy()  # (R, K, sH, sW, 3)
     for r in range(rows):
         y = top + r * (tile_h + padding)
         if row_labels:

@@ -293,16 +293,13 @@ def _end_runs(run_id: str, status: str) -> None:
             return
 
 
-def log_image(image_chw: Any, artifact_file: str, upscale: int = 1) -> None:
-    """Log a (C, H, W) tensor in [0, 1] as a PNG artifact of the active run, optionally enlarged
-    ``upscale`` times by nearest neighbour (28 px tiles are unreadable in the MLflow UI otherwise)."""
+def log_image(image_chw: Any, artifact_file: str) -> None:
+    """Log a (C, H, W) tensor in [0, 1] as a PNG artifact of the active run (enlarge and label small
+    tiles first with ``tasks.pictures.labelled_grid``)."""
     import numpy as np
 
     def log() -> None:
-        image = image_chw
-        if upscale > 1:
-            image = image.repeat_interleave(upscale, dim=-2).repeat_interleave(upscale, dim=-1)
-        array = image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+        array = image_chw.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
         mlflow.log_image(array[..., 0] if array.shape[-1] == 1 else np.ascontiguousarray(array), artifact_file=artifact_file)
 
     guard.call("image", log)

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from models.clip import CLIP, LOGIT_SCALE_MAX, clip_loss, load_clip, save_clip
 from models.tokenizer import EOT, PAD, SOT, Tokenizer
+from tasks.distributed import leave_process
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -82,6 +83,7 @@ def _gathered_rank(rank: int, world: int, init_file: str, out: str) -> None:
     torch.save({"loss": loss.detach(), "img_grad": local_img.grad, "txt_grad": local_txt.grad,
                 "scale_grad": log_scale.grad}, Path(out) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
+    leave_process(0)  # as a torchrun rank leaves: no interpreter finalization racing gloo's threads (SIGABRT)
 
 
 def test_two_gloo_ranks_gathered_loss_and_gradients_equal_the_global_batch(tmp_path):
@@ -266,12 +268,21 @@ def test_presets_with_pairs_validate_and_without_pairs_run_no_clip():
     assert load_config("base").pairs is None
 
 
-def test_logged_pictures_can_be_enlarged_by_nearest_neighbour(monkeypatch):
-    from tasks import tracking
+def test_the_retrieval_picture_frames_the_true_image_among_the_enlarged_top_5():
+    from tasks.clip_train import retrieval_picture
 
-    logged = {}
-    monkeypatch.setattr(tracking.mlflow, "log_image", lambda array, artifact_file: logged.update(array=array))
-    image = torch.rand(3, 28, 56)
-    tracking.log_image(image, "x.png", upscale=4)
-    assert logged["array"].shape == (112, 224, 3)
-    assert (logged["array"][:4, :4] == logged["array"][0, 0]).all()  # each pixel becomes a 4×4 block
+    n = 8
+    image = torch.nn.functional.normalize(torch.randn(n, 16), dim=1)
+    data = {"captions": [f"caption {i}" for i in range(n)], "pixels": torch.rand(n, 1, 28, 28) * 0.5 + 0.25,
+            "text": image.clone(), "image": image}  # each caption's best match is its own image
+    grid, listing = retrieval_picture(data, mean=[0.0], std=[1.0], queries=2)
+    assert [row["query"] for row in listing] == ["caption 0", "caption 7"] and listing[0]["top5"][0] == "caption 0"
+    tile, top = 112, 4 + 13 + 8  # 28 px enlarged 4x; labelled_grid's header
+    assert grid.shape[1] == top + 2 * (tile + 4)
+    left = grid.shape[2] - 6 * (tile + 4)  # true image, then top 1..5
+    first_hit = grid[:, top:top + tile, left + tile + 4:left + 2 * tile + 4]
+    green = torch.tensor([0.0, 1.0, 0.0]).view(3, 1, 1)
+    assert (first_hit[:, :4] == green).all() and (first_hit[:, :, -4:] == green).all()  # framed: the true one
+    inner = data["pixels"][0, 0, 1:-1, 1:-1].repeat_interleave(4, 0).repeat_interleave(4, 1)
+    torch.testing.assert_close(first_hit[1, 4:-4, 4:-4], (inner * 255).round() / 255)
+    assert grid[0, top:top + tile, left:left + 4].max() > 0  # the true image itself is not framed (red is 0 there)
