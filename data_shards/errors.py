@@ -29,6 +29,10 @@ class PatchflowError(Exception):
         super().__init__(message)
         self.hint = hint if hint is not None else self.default_hint
 
+    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:
+        # Pickled with its hint: a stage run in a process of its own hands its error back this way.
+        return type(self), (str(self), self.hint)
+
 
 class BadInputError(PatchflowError, ValueError):
     """The config, source, shards or a saved file are wrong: retrying cannot help. A ValueError too,

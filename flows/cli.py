@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from data_shards.errors import PatchflowError
+from flows.environment import quiet_library_loggers
 from flows.preflight import preflight
 from tasks.config import STAGES, available_presets, load_config, resolve_data_root
 
@@ -315,9 +316,7 @@ def _report_failure(exc: Exception, log: CommandLog) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    # Library chatter: e.g. four mlflow.system_metrics lines per training stage ("Skip logging GPU metrics", ...).
-    for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils", "mlflow.system_metrics", "faiss.loader"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_library_loggers()
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     log = CommandLog(args, argv)

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+
+# Library chatter kept out of the terminal: e.g. four mlflow.system_metrics lines per training stage
+# ("Skip logging GPU metrics", ...), an HTTP line per Prefect API call.
+NOISY_LOGGERS = ("httpx", "httpcore", "alembic", "mlflow.store.db.utils", "mlflow.system_metrics", "faiss.loader")
+
+
+def quiet_library_loggers() -> None:
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def prepare_environment(data_root: Path) -> None:

@@ -89,10 +89,14 @@ def _duration(seconds: float) -> str:
 
 
 def wall_times(results: Mapping[str, StageResult]) -> str:
-    """"shard reused · mae_pretrain 3 min 29 s · … · stages total 9 min 48 s"."""
+    """"shard reused · mae_pretrain 3 min 29 s · … · stages total 9 min 48 s", and when stages ran side
+    by side, how long they took from the first start to the last end ("…, 6 min 2 s elapsed")."""
     parts = [f"{name} {'reused' if result.reused else _duration(result.wall_s)}" for name, result in results.items()]
     total = sum(result.wall_s for result in results.values())
-    return " · ".join(parts + [f"stages total {_duration(total)}"])
+    timed = [result for result in results.values() if result.started_s]
+    elapsed = max((r.started_s + r.wall_s for r in timed), default=0.0) - min((r.started_s for r in timed), default=0.0)
+    overlap = f", {_duration(elapsed)} elapsed side by side" if total - elapsed > 1.0 else ""
+    return " · ".join(parts + [f"stages total {_duration(total)}{overlap}"])
 
 
 def text_table(rows: list[Headline]) -> str:

@@ -10,8 +10,10 @@ opens a nested run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +28,11 @@ from prefect.runtime import flow_run
 from data_shards.errors import is_transient
 from flows.headlines import headlines, markdown_table, wall_times
 from flows.lock import data_root_lock
+from flows.schedule import StageJob, run_jobs
+from flows.stage_process import run_in_process
 from tasks import clip_train, dit_stage, evaluate, index, latents, mae_pretrain, shard, tracking, vae_train
 from tasks.config import STAGES, ConfigError, PipelineConfig, load_config
+from tasks.distributed import stop_process_groups
 from tasks.registry import register_models
 from tasks.stage import StageContext, StageResult, stage_output_dir
 from tasks.verify import discard_stage, verify_stage
@@ -76,7 +81,7 @@ def run_stage(stage: Any, config: Any, inputs: list[StageResult], context: Stage
     that produced its outputs). ``name`` tells two runs of one task apart (``shard_pairs``)."""
     name = name or stage.name
     tracking.tag_run(context.parent_run_id, {f"stage.{name}": "running"})
-    started = time.monotonic()
+    started, started_s = time.monotonic(), time.time()
     try:
         result, reused = _call_stage(stage, config, inputs, context, reruns)
     except BaseException as exc:
@@ -90,7 +95,7 @@ def run_stage(stage: Any, config: Any, inputs: list[StageResult], context: Stage
                                              f"stage.{name}.mlflow_run": result.mlflow_run_id or ""})
     if not reused and result.mlflow_run_id:  # the stage's own run keeps the record of what it wrote
         tracking.log_artifact_to(result.mlflow_run_id, result.manifest_path)
-    return result.model_copy(update={"reused": reused, "wall_s": wall})
+    return result.model_copy(update={"reused": reused, "wall_s": wall, "started_s": started_s})
 
 
 def _first_line(exc: BaseException) -> str:
@@ -154,7 +159,10 @@ def stage_task(name: str, run: StageFn) -> Any:
     @task(name=name, cache_key_fn=stage_cache_key, persist_result=True, retries=2, retry_delay_seconds=[2, 10],
           retry_condition_fn=retry_if_transient)
     def run_stage(config: Any, inputs: list[StageResult], context: StageContext) -> StageResult:
-        result = run(config, inputs, context)
+        if context.process_threads is None:
+            result = run(config, inputs, context)
+        else:  # beside other stages: in a process of its own (see flows/stage_process.py)
+            result = run_in_process(name, config, inputs, context)
         get_run_logger().info("%s %s -> %s", name, "reused" if result.reused else "finished", result.output_dir)
         _summarise(result)
         return result
@@ -204,68 +212,92 @@ def pipeline(
         return _run_stages(config, Reruns(frozenset(rerun or [])), launch)
 
 
-def planned_stages(config: PipelineConfig) -> list[str]:
-    """The stage runs this config asks for, in the order the flow runs them (``shard_pairs``: the
-    shard stage run again on the pairs dataset)."""
-    clip = "clip_train" in config.stages and config.pairs is not None
-    return ["shard", *[s for s in STAGES[1:] if s in config.stages and s not in ("clip_train", "index")],
-            *(["shard_pairs", "clip_train"] if clip else []), *(["index"] if "index" in config.stages else [])]
+def process_threads(slots: int) -> int | None:
+    """Compute threads for each stage when ``slots`` stages run side by side (None: one at a time,
+    in this process, with all of them)."""
+    return None if slots == 1 else max(1, len(os.sched_getaffinity(0)) // slots)
 
 
 def _run_stages(config: PipelineConfig, reruns: Reruns, launch: dict[str, str]) -> dict[str, StageResult]:
     root = Path(config.data_root)
-    results: dict[str, StageResult] = {}
     run_name = f"{config.preset}-{flow_run.get_name() or 'local'}"
-    tags = {**launch, "patchflow.stage": "pipeline", "patchflow.planned": ",".join(planned_stages(config)),
-            "prefect.flow_run_id": str(flow_run.get_id())}
+    tags = {**launch, "patchflow.stage": "pipeline", "prefect.flow_run_id": str(flow_run.get_id())}
     with tracking.stage_run("pipeline", root, None, params=config.model_dump(mode="json"), run_name=run_name,
                             tags=tags) as parent:
-        context = StageContext(data_root=root, parent_run_id=parent.info.run_id)
-
-        def run(name: str, task: Any, stage_config: Any, inputs: list[StageResult],
-                stage_context: StageContext = context) -> None:
-            results[name] = run_stage(task, stage_config, inputs, stage_context, reruns, name=name)
-            if not results[name].reused:  # a reused model was registered when it was trained
-                register_models(name, results)
-
-        run("shard", shard_task, config.shard, [])
-        if "mae_pretrain" in config.stages:
-            run("mae_pretrain", mae_task, config.mae, [results["shard"]])
-        if "evaluate" in config.stages and "mae_pretrain" in results:
-            run("evaluate", evaluate_task, config.evaluate, [results["shard"], results["mae_pretrain"]])
-        # The latent-diffusion branch needs only the shards: it scores its samples with a classifier of
-        # its own, so probe or fine-tune settings never retrain the DiT.
-        if "vae" in config.stages:
-            run("vae", vae_task, config.vae, [results["shard"]])
-        if "encode_latents" in config.stages and "vae" in results:
-            run("encode_latents", latents_task, config.latents, [results["shard"], results["vae"]])
-        if "dit_train" in config.stages and "encode_latents" in results:
-            run("dit_train", dit_task, config.dit, [results[name] for name in ("shard", "vae", "encode_latents")])
-        # CLIP trains on the pairs dataset (its own shard run, cached on its own key); its image tower
-        # starts from the MAE encoder when clip.image_init is mae. A preset without pairs runs no CLIP.
-        if "clip_train" in config.stages and config.pairs is not None and _pairs_found(config):
-            run("shard_pairs", shard_task, config.pairs, [])
-            mae_input = [results["mae_pretrain"]] if config.clip.image_init == "mae" and "mae_pretrain" in results else []
-            run("clip_train", clip_task, config.clip, [results["shard_pairs"]] + mae_input)
-        # Indexes come after the encoders: each target names a dataset and an encoder of this run
-        # (checked when the config loads), and the stage reads only what its targets need.
-        if "index" in config.stages and config.index.targets:
-            datasets = {"images": results["shard"], "pairs": results.get("shard_pairs")}
-            encoders = {"mae": results.get("mae_pretrain"), "clip": results.get("clip_train")}
-            # Only a skipped optional branch (no pairs source) leaves a target's inputs absent here.
-            targets = [t for t in config.index.targets if datasets[t.dataset] and encoders[t.encoder]]
-            for dropped in (t for t in config.index.targets if t not in targets):
-                get_run_logger().warning("index target %s skipped: its %s encoder did not run", dropped.name, dropped.encoder)
-            index_config = config.index.model_copy(update={"targets": targets})
-            used = [datasets[t.dataset] for t in targets] + [encoders[t.encoder] for t in targets]
-            upstream = list({r.digest: r for r in used if r is not None}.values())
-            roles = {name: r.digest for name, r in datasets.items() if r is not None and r in upstream}
-            index_context = StageContext(data_root=root, parent_run_id=parent.info.run_id,
-                                         extra={"index_datasets": roles})
-            if targets:
-                run("index", index_task, index_config, upstream, index_context)
+        context = StageContext(data_root=root, parent_run_id=parent.info.run_id,
+                               process_threads=process_threads(config.concurrent_stages))
+        jobs = stage_jobs(config, context, reruns)
+        tracking.tag_run(parent.info.run_id, {"patchflow.planned": ",".join(job.name for job in jobs)})
+        if config.concurrent_stages > 1:
+            get_run_logger().info("up to %d stages at once, each in its own process with %d compute thread(s)",
+                                  config.concurrent_stages, context.process_threads)
+        results = run_jobs(jobs, config.concurrent_stages, on_stop=stop_process_groups)
         for name, result in results.items():  # the runs table compares pipeline runs on these
             tracking.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})
         create_markdown_artifact(markdown=flow_summary(results, parent), key="patchflow-run-summary",
                                  description=f"patchflow {config.preset}: what each stage did and measured")
     return results
+
+
+def stage_jobs(config: PipelineConfig, context: StageContext, reruns: Reruns) -> list[StageJob[StageResult]]:
+    """The DAG: each enabled stage with the stages it reads, listed in the order one slot runs them."""
+
+    def job(name: str, task: Any, stage_config: Any, needs: list[str]) -> StageJob[StageResult]:
+        return StageJob(name, tuple(needs), lambda done: _run_and_register(
+            name, task, stage_config, [done[need] for need in needs], context, reruns, done))
+
+    jobs = [job("shard", shard_task, config.shard, [])]
+    if "mae_pretrain" in config.stages:
+        jobs.append(job("mae_pretrain", mae_task, config.mae, ["shard"]))
+    if "evaluate" in config.stages and "mae_pretrain" in config.stages:
+        jobs.append(job("evaluate", evaluate_task, config.evaluate, ["shard", "mae_pretrain"]))
+    # The latent-diffusion branch needs only the shards: it scores its samples with a classifier of
+    # its own, so probe or fine-tune settings never retrain the DiT, and it runs beside MAE → evaluate.
+    if "vae" in config.stages:
+        jobs.append(job("vae", vae_task, config.vae, ["shard"]))
+    if "encode_latents" in config.stages and "vae" in config.stages:
+        jobs.append(job("encode_latents", latents_task, config.latents, ["shard", "vae"]))
+    if "dit_train" in config.stages and "encode_latents" in config.stages:
+        jobs.append(job("dit_train", dit_task, config.dit, ["shard", "vae", "encode_latents"]))
+    # CLIP trains on the pairs dataset (its own shard run, cached on its own key); its image tower
+    # starts from the MAE encoder when clip.image_init is mae. A preset without pairs runs no CLIP.
+    if "clip_train" in config.stages and config.pairs is not None and _pairs_found(config):
+        jobs.append(job("shard_pairs", shard_task, config.pairs, []))
+        mae = ["mae_pretrain"] if config.clip.image_init == "mae" and "mae_pretrain" in config.stages else []
+        jobs.append(job("clip_train", clip_task, config.clip, ["shard_pairs", *mae]))
+    if "index" in config.stages and config.index.targets:
+        jobs += _index_job(config, context, reruns, {job.name for job in jobs})
+    return jobs
+
+
+def _index_job(config: PipelineConfig, context: StageContext, reruns: Reruns,
+               planned: set[str]) -> list[StageJob[StageResult]]:
+    """Indexes come after the encoders: each target names a dataset and an encoder of this run
+    (checked when the config loads), and the stage reads only what its targets need."""
+    datasets = {"images": "shard", "pairs": "shard_pairs"}
+    encoders = {"mae": "mae_pretrain", "clip": "clip_train"}
+    # Only a skipped optional branch (no pairs source) leaves a target's inputs unplanned here.
+    targets = [t for t in config.index.targets if datasets[t.dataset] in planned and encoders[t.encoder] in planned]
+    for dropped in (t for t in config.index.targets if t not in targets):
+        get_run_logger().warning("index target %s skipped: its %s encoder does not run", dropped.name, dropped.encoder)
+    if not targets:
+        return []
+    used = [datasets[t.dataset] for t in targets] + [encoders[t.encoder] for t in targets]
+    needs = list(dict.fromkeys(used))
+    index_config = config.index.model_copy(update={"targets": targets})
+
+    def start(done: dict[str, StageResult]) -> StageResult:
+        upstream = list({done[name].digest: done[name] for name in used}.values())
+        roles = {dataset: done[stage].digest for dataset, stage in datasets.items() if stage in needs}
+        index_context = dataclasses.replace(context, extra={"index_datasets": roles})
+        return _run_and_register("index", index_task, index_config, upstream, index_context, reruns, done)
+
+    return [StageJob("index", tuple(needs), start)]
+
+
+def _run_and_register(name: str, task: Any, stage_config: Any, inputs: list[StageResult], context: StageContext,
+                      reruns: Reruns, done: dict[str, StageResult]) -> StageResult:
+    result = run_stage(task, stage_config, inputs, context, reruns, name=name)
+    if not result.reused:  # a reused model was registered when it was trained
+        register_models(name, {**done, name: result})
+    return result

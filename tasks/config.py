@@ -403,6 +403,11 @@ class PipelineConfig(StrictModel):
                                   "without it clip_train does not run.")
     clip: CLIPConfig = CLIPConfig()
     index: IndexConfig = IndexConfig()
+    concurrent_stages: int = Field(
+        default=1, ge=1, description="How many stages may run at once. 1: one after another in the pipeline's "
+        "process. More: independent branches overlap (vae -> encode_latents -> dit_train beside mae_pretrain -> "
+        "evaluate), each stage in a process of its own with an equal share of the cores. How a run executes, "
+        "not what it computes: no stage's key holds it.")
 
     @model_validator(mode="after")
     def _sections_agree(self) -> "PipelineConfig":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,30 +96,67 @@ def write_join_script(job_path: Path, command: list[str], env: dict[str, str]) -
     return script
 
 
-def run_torchrun(command: list[str], log: Callable[[str], None] | None = None, env: dict[str, str] | None = None) -> None:
-    """Run torchrun in its own process group, streaming its output; stop all of it on interrupt.
+# Child process groups started by run_process_group and still running: a stop signal that arrives in
+# another thread (concurrent stages wait in worker threads) stops them through stop_process_groups.
+_live_groups: set[subprocess.Popen] = set()
+_live_lock = threading.Lock()
+STOP_GRACE_S = 20  # SIGTERM, then this long for the group to unwind, then SIGKILL
 
-    A new session means a cancelled or timed-out task can kill every rank, not just the launcher.
+
+def run_process_group(command: list[str], log: Callable[[str], None], env: dict[str, str] | None = None,
+                      tail_lines: int = 120) -> tuple[int, list[str]]:
+    """Run ``command`` in a session of its own, passing each output line to ``log``; return its exit
+    code and last ``tail_lines`` lines. On any exception here (Ctrl-C included) the whole group is stopped.
+
+    A new session means a cancelled or timed-out task can stop every process the command started
+    (torchrun's ranks), not just the command itself, and a terminal's Ctrl-C reaches only patchflow,
+    which then stops the group in order.
     """
-    log = log or logging.getLogger("patchflow.torchrun").info
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True, env={**os.environ, **(env or {})})
-    # torchrun's own traceback takes ~40 lines; keep enough to show the failing rank's output above it.
-    tail: collections.deque[str] = collections.deque(maxlen=120)
+    with _live_lock:
+        _live_groups.add(process)
+    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     try:
         assert process.stdout is not None
         for line in process.stdout:
             line = line.rstrip()
             tail.append(line)
             log(line)
-        code = process.wait()
+        return process.wait(), list(tail)
     except BaseException:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        _stop_groups([process])
         raise
+    finally:
+        with _live_lock:
+            _live_groups.discard(process)
+
+
+def stop_process_groups() -> None:
+    """Stop every group :func:`run_process_group` is running, from any thread (a stop signal reaches
+    only the main thread; the threads waiting on these groups then see them exit)."""
+    with _live_lock:
+        running = list(_live_groups)
+    _stop_groups(running)
+
+
+def _stop_groups(processes: list[subprocess.Popen]) -> None:
+    for process in processes:  # all signalled first, so their clean-ups overlap
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def run_torchrun(command: list[str], log: Callable[[str], None] | None = None, env: dict[str, str] | None = None) -> None:
+    """Run torchrun in its own process group, streaming its output; stop all of it on interrupt."""
+    # torchrun's own traceback takes ~40 lines; keep enough to show the failing rank's output above it.
+    code, tail = run_process_group(command, log or logging.getLogger("patchflow.torchrun").info, env, tail_lines=120)
     if code != 0:
         raise RuntimeError(f"torchrun exited with code {code}; last output:\n" + "\n".join(tail))
 

@@ -356,8 +356,9 @@ def build_target(target: IndexTarget, config: IndexConfig, dataset: StageResult,
                "search_param": meta["search_param"], "count": len(rows), "dim": meta["dim"], "dataset": target.dataset,
                "encoder": target.encoder, "split": target.split, "tuning": tuning["tried"],
                "shards_embedded_now": embedded_now}
-    log.info("index %s: %s over %d vectors, %s=%s recall@10=%.4f qps=%.0f bytes=%d", target.name, factory, len(rows),
-             tuning["param"], tuning["value"], tuning["recall_at_10"], tuning["qps"], metrics["bytes"])
+    tuned = f" ({tuning['param']}={tuning['value']})" if tuning["value"] is not None else " (exact)"
+    log.info("index %s: %s%s over %d vectors, recall@10=%.4f qps=%.0f bytes=%d", target.name, factory, tuned, len(rows),
+             tuning["recall_at_10"], tuning["qps"], metrics["bytes"])
     return summary, metrics
 
 

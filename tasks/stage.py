@@ -47,6 +47,7 @@ class StageResult(BaseModel):
     mlflow_run_id: str | None = None
     reused: bool = False
     wall_s: float = 0.0  # this flow run's time in the stage (near zero when reused)
+    started_s: float = 0.0  # when this flow run started the stage (seconds since the epoch)
 
     def manifest(self) -> dict[str, Any]:
         return json.loads(Path(self.manifest_path).read_text())
@@ -59,6 +60,9 @@ class StageContext:
     data_root: Path
     parent_run_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Set when stages run side by side (``concurrent_stages`` > 1): the stage runs in a process of its
+    # own with this many compute threads, so its seeds, thread count and MLflow run are its own.
+    process_threads: int | None = None
 
 
 def _module_file(name: str) -> Path | None:

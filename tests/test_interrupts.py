@@ -34,21 +34,24 @@ def _cli_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _start_training(root: Path, log: Path, nproc: int) -> subprocess.Popen:
-    """``patchflow run`` (shard + MAE, 60 steps, a checkpoint every 10) in its own process group, as
-    a terminal runs a foreground job."""
+def _start_training(root: Path, log: Path, nproc: int, *settings: str) -> subprocess.Popen:
+    """``patchflow run`` (shard + MAE, 60 steps, a checkpoint every 10, then ``settings``) in its own
+    process group, as a terminal runs a foreground job."""
     command = [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--data-root", str(root),
                "--set", f"shard.source.path={require_shared('fashion-mnist')}", "--set", "stages=[shard,mae_pretrain]",
                "--set", "mae.train.steps=60", "--set", "mae.train.checkpoint_every=10",
                "--set", f"mae.train.nproc_per_node={nproc}"]
+    for setting in settings:
+        command += ["--set", setting]
     with open(log, "ab") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_cli_env(), cwd=REPO_ROOT,
                                 start_new_session=True)
 
 
-def _wait_for_checkpoint(process: subprocess.Popen, root: Path, log: Path, timeout: float = 480) -> None:
+def _wait_for_checkpoint(process: subprocess.Popen, root: Path, log: Path, timeout: float = 480,
+                         stage: str = "mae_pretrain") -> None:
     deadline = time.monotonic() + timeout
-    while not list(root.glob("stages/mae_pretrain/*/checkpoints/step-*.pt")):
+    while not list(root.glob(f"stages/{stage}/*/checkpoints/step-*.pt")):
         if process.poll() is not None:
             pytest.fail(f"patchflow run ended (code {process.returncode}) before training began:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
@@ -90,11 +93,12 @@ def _survivors(watched: list[psutil.Process], group: int) -> list[str]:
 
 
 def _children_by_role(pid: int) -> dict[str, list[psutil.Process]]:
-    found: dict[str, list[psutil.Process]] = {"prefect server": [], "torchrun": [], "other": []}
+    found: dict[str, list[psutil.Process]] = {"prefect server": [], "torchrun": [], "stage process": [], "other": []}
     for child in psutil.Process(pid).children(recursive=True):
         command = " ".join(child.cmdline())
         role = "prefect server" if "prefect.server.api.server:create_app" in command else (
-            "torchrun" if "torch.distributed.run" in command else "other")
+            "torchrun" if "torch.distributed.run" in command else
+            "stage process" if "flows.stage_process" in command else "other")
         found[role].append(child)
     return found
 
@@ -158,6 +162,41 @@ def test_sigterm_to_the_cli_exits_143_stops_the_server_and_marks_runs_killed(tmp
     status = {run.data.tags.get("patchflow.stage", "pipeline"): run.info.status for run in runs}
     assert status == {"pipeline": "KILLED", "shard": "FINISHED", "mae_pretrain": "KILLED"}
     assert lock.read_holder(lock.lock_path(root)) is None  # released on the way out: the next run starts cleanly
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_stages_running_side_by_side_and_the_next_run_resumes_them(tmp_path):
+    """concurrent_stages=2: MAE and the VAE train at once, each in a process of its own (its own
+    session, out of the terminal's reach); Ctrl-C reaches only the pipeline, which stops both."""
+    from mlflow.tracking import MlflowClient
+
+    root, log = tmp_path / "root", tmp_path / "run.log"
+    side_by_side = ("concurrent_stages=2", "stages=[shard,mae_pretrain,vae]", "mae.train.steps=300", "vae.train.steps=100",
+                    "vae.train.checkpoint_every=5")
+    process = _start_training(root, log, 1, *side_by_side)
+    for stage in ("mae_pretrain", "vae"):
+        _wait_for_checkpoint(process, root, log, stage=stage)
+    children = _children_by_role(process.pid)
+    assert len(children["stage process"]) == 2, children  # MAE and the VAE, at once
+    watched = [p for group in children.values() for p in group]
+
+    code, took = _stop_and_time(process, lambda: os.killpg(process.pid, signal.SIGINT))
+
+    output = log.read_text()
+    print(f"SIGINT with two stages running: exit {code} after {took:.1f} s")
+    assert code == 130, output[-3000:]
+    assert took < STOP_WITHIN_S, f"stopped after {took:.1f} s"
+    assert not _survivors(watched, group=process.pid)
+    client = MlflowClient(f"sqlite:///{root.resolve()}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("patchflow").experiment_id])
+    status = {run.data.tags.get("patchflow.stage", "pipeline"): run.info.status for run in runs}
+    assert status == {"pipeline": "KILLED", "shard": "FINISHED", "mae_pretrain": "KILLED", "vae": "KILLED"}
+
+    rerun = subprocess.run([*process.args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=_cli_env(), cwd=REPO_ROOT, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert rerun.stdout.count("resuming from step") == 2, rerun.stdout[-3000:]  # both went on from their checkpoints
+    assert "elapsed side by side" in rerun.stdout
 
 
 @contextmanager

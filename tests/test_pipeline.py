@@ -121,6 +121,37 @@ def test_second_pipeline_run_is_cached_and_mlflow_has_nested_runs(prefect_harnes
     mlflow.set_tracking_uri("")  # do not leak this store into other tests
 
 
+def test_concurrent_stages_run_the_branches_side_by_side_into_the_same_cached_folders(prefect_harness, tmp_path):
+    """``concurrent_stages=2``: the latent-diffusion branch overlaps MAE → evaluate, each stage in a
+    process of its own, dependants still wait for their inputs; the folders are the ones a one-at-a-time
+    run uses (the setting is in no key), so such a run afterwards reuses every stage."""
+    from flows.pipeline import pipeline
+
+    overrides = [f"shard.source.path={require_shared('fashion-mnist')}",
+                 "stages=[shard,mae_pretrain,evaluate,vae,encode_latents,dit_train]"]
+    side_by_side = pipeline(preset="smoke", overrides=[*overrides, "concurrent_stages=2"], data_root=str(tmp_path),
+                            return_state=True)
+    assert side_by_side.is_completed()
+    results = side_by_side.result()
+    assert list(results) == ["shard", "mae_pretrain", "evaluate", "vae", "encode_latents", "dit_train"]
+    assert all(Path(r.manifest_path).is_file() and not r.reused for r in results.values())
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("patchflow").experiment_id])
+    span = {r.data.tags["patchflow.stage"]: (r.info.start_time, r.info.end_time) for r in runs
+            if "mlflow.parentRunId" in r.data.tags}
+    overlaps = lambda a, b: span[a][0] < span[b][1] and span[b][0] < span[a][1]  # noqa: E731
+    assert any(overlaps(a, b) for a in ("mae_pretrain", "evaluate") for b in ("vae", "encode_latents", "dit_train")), span
+    for stage, needed in [("mae_pretrain", "shard"), ("evaluate", "mae_pretrain"), ("vae", "shard"),
+                          ("encode_latents", "vae"), ("dit_train", "encode_latents")]:
+        assert span[needed][1] <= span[stage][0], f"{stage} started before {needed} ended: {span}"
+
+    one_at_a_time = pipeline(preset="smoke", overrides=overrides, data_root=str(tmp_path), return_state=True)
+    assert set(_task_states(one_at_a_time.state_details.flow_run_id).values()) == {"Cached"}
+    assert {k: r.output_dir for k, r in one_at_a_time.result().items()} == {k: r.output_dir for k, r in results.items()}
+    mlflow.set_tracking_uri("")
+
+
 def test_missing_pairs_source_skips_clip_and_says_so(prefect_harness, tmp_path):
     from flows.pipeline import pipeline
 
