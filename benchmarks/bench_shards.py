@@ -5,6 +5,9 @@
    ``writer.encode_all`` (the only part that uses the pool) is also timed on its own.
 2. ``loader.epoch_loader`` over the train split for num_workers 0 (in-process), 1 and 2: one epoch each.
 3. ``loader.iterate_tar`` over the same shards without decoding: the ceiling the loader can reach.
+   Every way of reading runs twice, on the disk and through ``python -m http.server`` on a loopback
+   port (its own process): what reading shards by URL costs. Loader rows stream (the decoded cache off),
+   then the decoded cache's first and second epochs are timed on their own.
 
     python benchmarks/bench_shards.py --samples 20000 --samples-per-shard 2000 --batch-size 256
 """
@@ -15,6 +18,8 @@ import argparse
 import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +32,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from data_shards import loader  # noqa: E402
 from data_shards.loader import LoaderSpec, epoch_loader, iterate_tar, split_shards  # noqa: E402
 from data_shards.sources import open_source  # noqa: E402
 from data_shards.writer import encode_all  # noqa: E402
@@ -79,6 +85,49 @@ def time_raw(shards: tuple[str, ...]) -> tuple[float, int]:
     return time.perf_counter() - started, count
 
 
+def serve_folder(folder: Path) -> tuple[subprocess.Popen, str]:
+    """``python -m http.server`` over ``folder`` on a free loopback port; returns it and its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, f"http://127.0.0.1:{port}"
+        except OSError:
+            if time.monotonic() > deadline:
+                server.kill()
+                raise
+            time.sleep(0.1)
+
+
+def reading_rows(shards: tuple[str, ...], batch_size: int) -> dict[str, float]:
+    """Each way of reading the train split, from the disk and from a loopback HTTP server (its own
+    process), with the decoded cache off (streamed, as a dataset larger than the cache is read);
+    then the cache's first epoch (decoding) and second (memory) on the disk shards."""
+    server, url = serve_folder(Path(shards[0]).parent)
+    urls = tuple(f"{url}/{Path(path).name}" for path in shards)
+    rates: dict[str, float] = {}
+    budget, loader.DECODED_CACHE.budget_bytes = loader.DECODED_CACHE.budget_bytes, 0
+    try:
+        print(f"\nreading the train split ({len(shards)} shards, batch {batch_size}): disk, and HTTP from {url}")
+        ways = [("raw", "iterate_tar, no decoding", time_raw)] + [
+            (f"load{w}", f"streamed, num_workers={w}", lambda paths, w=w: time_loader(paths, batch_size, w)) for w in (0, 1, 2)]
+        for key, name, run in ways:
+            rates[key] = row(f"{name}, disk", *run(shards))
+            rates[f"{key}_http"] = row(f"{name}, HTTP", *run(urls))
+    finally:
+        loader.DECODED_CACHE.budget_bytes = budget
+        server.terminate()
+        server.wait()
+    rates["cache1"] = row("decoded cache, first epoch (decodes)", *time_loader(shards, batch_size, 0))
+    rates["cache2"] = row("decoded cache, second epoch", *time_loader(shards, batch_size, 0))
+    return rates
+
+
 def row(name: str, seconds: float, samples: int) -> float:
     rate = samples / max(seconds, 1e-9)
     print(f"  {name:<38} {samples:>7d} {seconds:>8.2f} s {rate:>11,.0f} /s")
@@ -118,19 +167,17 @@ def main() -> None:
             encode_all(train, workers)
             rates[f"enc{workers}"] = row(f"encode_all train, workers={workers}", time.perf_counter() - started, len(train))
 
-        shards = split_shards(manifest, "train")
-        print(f"\nreading train split ({len(shards)} shards, batch {args.batch_size}, drop_last)")
-        rates["raw"] = row("iterate_tar, no decoding", *time_raw(shards))
-        for workers in (0, 1, 2):
-            rates[f"load{workers}"] = row(f"epoch_loader, num_workers={workers}", *time_loader(shards, args.batch_size, workers))
+        rates.update(reading_rows(split_shards(manifest, "train"), args.batch_size))
 
         print("\nratios")
-        print(f"  shard stage   workers 2 / 1   {rates['stage2'] / rates['stage1']:.2f}x")
-        print(f"  encode_all    workers 2 / 1   {rates['enc2'] / rates['enc1']:.2f}x")
-        print(f"  loader 1 worker  / raw        {rates['load1'] / rates['raw']:.3f}")
-        print(f"  loader 2 workers / raw        {rates['load2'] / rates['raw']:.3f}")
-        print(f"  loader 2 workers / 1 worker   {rates['load2'] / rates['load1']:.2f}x")
-        print(f"  loader 1 worker  / in-process {rates['load1'] / rates['load0']:.2f}x")
+        print(f"  shard stage   workers 2 / 1        {rates['stage2'] / rates['stage1']:.2f}x")
+        print(f"  encode_all    workers 2 / 1        {rates['enc2'] / rates['enc1']:.2f}x")
+        for key, name in [("raw", "iterate_tar"), ("load0", "streamed, 0 workers"), ("load1", "streamed, 1 worker"),
+                          ("load2", "streamed, 2 workers")]:
+            print(f"  HTTP / disk   {name:<22} {rates[key + '_http'] / rates[key]:.2f}")
+        print(f"  streamed      2 workers / 1        {rates['load2'] / rates['load1']:.2f}x")
+        print(f"  streamed      1 worker / raw       {rates['load1'] / rates['raw']:.3f}")
+        print(f"  cached        second epoch / streamed in-process {rates['cache2'] / rates['load0']:.1f}x")
     finally:
         if args.out is None:
             shutil.rmtree(base, ignore_errors=True)

@@ -14,6 +14,7 @@ a damaged header mid-file otherwise reads as a valid, shorter archive.
 from __future__ import annotations
 
 import functools
+import http.client
 import io
 import json
 import logging
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_shards import remote
 from data_shards.errors import BadInputError
 
 log = logging.getLogger("patchflow.loader")
@@ -44,6 +46,9 @@ class ShardError(BadInputError, RuntimeError):
 
 
 def _rebuild_hint(shard_path: str) -> str:
+    if remote.is_remote(shard_path):
+        return (f"check that {shard_path} is reachable and complete, and that the manifest.json beside it "
+                f"({remote.sibling(shard_path, 'manifest.json')}) lists it")
     # A finished shard stage is reused as long as its manifest exists: only deleting its folder rebuilds it.
     return f"delete the shard stage folder {Path(shard_path).parent} and run `patchflow run` again to rebuild it"
 
@@ -83,8 +88,9 @@ def split_shards(manifest_path: str | Path, split: str) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=64)
 def _manifest_shards(manifest_path: str, mtime_ns: int) -> dict[str, tuple[int, int]]:
-    """Each listed shard's ``(samples, largest image area in its split)``."""
-    splits = json.loads(Path(manifest_path).read_text())["outputs"]["splits"]
+    """Each listed shard's ``(samples, largest image area in its split)``; ``mtime_ns`` keys the cache
+    (0 for a remote manifest, read once per process)."""
+    splits = json.loads(remote.read_bytes(manifest_path))["outputs"]["splits"]
     listed = {}
     for split in splits.values():
         sizes = [h * w for h, w in (map(int, size.split("x")) for size in split.get("image_sizes", {}))]
@@ -96,15 +102,17 @@ def _manifest_shards(manifest_path: str, mtime_ns: int) -> dict[str, tuple[int, 
 def _manifest_entries(shard_paths: tuple[str, ...]) -> list[tuple[int, int]]:
     entries = []
     for path in shard_paths:
-        manifest = Path(path).parent / "manifest.json"
+        far = remote.is_remote(path)
+        manifest = remote.sibling(path, "manifest.json") if far else str(Path(path).parent / "manifest.json")
         try:
-            listed = _manifest_shards(str(manifest), manifest.stat().st_mtime_ns)
-        except (OSError, ValueError, KeyError) as exc:
+            listed = _manifest_shards(manifest, 0 if far else Path(manifest).stat().st_mtime_ns)
+        except (OSError, ValueError, KeyError, http.client.HTTPException) as exc:
             raise ShardError(f"shard {path}: no readable manifest beside it ({manifest}: {exc}); "
                              f"the loader needs its sample count to detect truncation", hint=_rebuild_hint(path)) from None
-        if Path(path).name not in listed:
+        name = remote.file_name(path)
+        if name not in listed:
             raise ShardError(f"shard {path}: not listed in {manifest}", hint=_rebuild_hint(path))
-        entries.append(listed[Path(path).name])
+        entries.append(listed[name])
     return entries
 
 
@@ -129,7 +137,7 @@ def iterate_tar(path: str) -> Iterator[dict[str, Any]]:
     """
     current: dict[str, Any] = {}
     try:
-        with tarfile.open(path, mode="r|") as stream:
+        with remote.open_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|") as stream:
             for member in stream:
                 if not member.isfile():
                     continue
@@ -139,7 +147,10 @@ def iterate_tar(path: str) -> Iterator[dict[str, Any]]:
                     current = {}
                 current.setdefault("__key__", key)
                 current[ext] = stream.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as exc:
+            raw.read()  # past the end-of-archive blocks to the end: a pipe: command's failure shows only there
+    except remote.PermanentReadError as exc:
+        raise ShardError(f"shard {path}: cannot be read: {exc}", hint=_rebuild_hint(path)) from exc
+    except (tarfile.TarError, OSError, EOFError, http.client.HTTPException) as exc:
         raise ShardError(f"shard {path}: corrupt or truncated tar after key {current.get('__key__')!r}: {exc}",
                          hint=_rebuild_hint(path)) from None
     if current:
@@ -157,6 +168,26 @@ def read_shard(path: str, expected: int | None = None, start: int = 0, stop: int
     if expected is None:
         (expected,) = shard_sample_counts((path,))
     stop = expected if stop is None else stop
+    if not remote.is_remote(path):
+        yield from _read_counted(path, expected, start, stop)
+        return
+    # A remote read that fails (a dropped connection reads as a truncated tar) is tried again from the
+    # shard's start, skipping the samples already delivered: the same samples in the same order.
+    for attempt in range(1, remote.ATTEMPTS + 1):
+        try:
+            for sample in _read_counted(path, expected, start, stop):
+                yield sample
+                start += 1
+            return
+        except ShardError as exc:
+            if isinstance(exc.__cause__, remote.PermanentReadError):
+                raise
+            if attempt == remote.ATTEMPTS:
+                raise ShardError(f"{exc} (gave up after {attempt} attempts)", hint=exc.hint) from None
+            remote.pause_before_retry(path, attempt, exc)
+
+
+def _read_counted(path: str, expected: int, start: int, stop: int) -> Iterator[dict[str, Any]]:
     index = 0
     for sample in iterate_tar(path):
         if index >= stop and stop < expected:
@@ -239,8 +270,8 @@ class DecodedShards:
         self.bytes = 0
 
     def get(self, path: str, expected: int, channels: int) -> list[Decoded]:
-        stat = Path(path).stat()
-        key = (path, stat.st_mtime_ns, stat.st_size, channels)
+        stat = None if remote.is_remote(path) else Path(path).stat()  # a remote shard is not rewritten in place
+        key = (path, stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0, channels)
         if key in self.entries:
             self.entries.move_to_end(key)
             return self.entries[key][0]

@@ -7,6 +7,7 @@ before any shard is written; image decoding is checked by the encoder, also befo
 from __future__ import annotations
 
 import csv
+import http.client
 import json
 import re
 import tarfile
@@ -17,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from data_shards import fashion_mnist
+from data_shards import fashion_mnist, remote
 from data_shards.fingerprint import content_entry, fingerprint, stat_entry, tree_entries
 from data_shards.samples import RawSample, SourceError, safe_key, split_off_validation, take_subset
 
@@ -227,19 +228,25 @@ def _caption_table(cfg: Any, data_root: Path, seed: int) -> PreparedSource:
                                              "caption_templates": len(templates)})
 
 
-def _read_tar_samples(path: Path) -> list[RawSample]:
-    """Group an img2dataset-style tar's members by key: image + optional .txt/.json/.cls."""
-    grouped: dict[str, dict[str, bytes]] = {}
-    try:
-        with tarfile.open(path, "r") as archive:
+def _read_tar_samples(path: str) -> list[RawSample]:
+    """Group an img2dataset-style tar's members by key: image + optional .txt/.json/.cls. A remote tar
+    (URL, ``pipe:``) is read as a stream, tried again from its start if the connection fails."""
+    def read() -> dict[str, dict[str, bytes]]:
+        grouped: dict[str, dict[str, bytes]] = {}
+        with remote.open_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as archive:
             for member in archive:
                 if not member.isfile():
                     continue
-                base = Path(member.name).name
+                folder, _, base = member.name.rpartition("/")
                 key, _, ext = base.partition(".")
-                grouped.setdefault(f"{Path(member.name).parent}/{key}", {})[ext.lower()] = archive.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as exc:
+                grouped.setdefault(f"{folder or '.'}/{key}", {})[ext.lower()] = archive.extractfile(member).read()
+        return grouped
+
+    try:
+        grouped = remote.with_retries(path, read) if remote.is_remote(path) else read()
+    except (tarfile.TarError, OSError, EOFError, http.client.HTTPException) as exc:
         raise SourceError(f"{path}: unreadable tar shard: {exc}") from exc
+    stem = remote.file_name(path).removesuffix(".tar")
     samples = []
     for key, files in grouped.items():
         image_ext = next((ext for ext in ("jpg", "jpeg", "png", "webp") if ext in files), None)
@@ -247,7 +254,7 @@ def _read_tar_samples(path: Path) -> list[RawSample]:
             raise SourceError(f"{path}: sample {key!r} has no image (.jpg/.png/.webp), only {sorted(files)}")
         meta = json.loads(files["json"]) if "json" in files else {}
         samples.append(RawSample(
-            key=safe_key(path.stem, Path(key).name), origin=f"{path}:{key}",
+            key=safe_key(stem, key.rsplit("/", 1)[-1]), origin=f"{path}:{key}",
             image_bytes=files[image_ext], image_ext="jpg" if image_ext == "jpeg" else image_ext,
             label=int(files["cls"]) if "cls" in files else None,
             caption=files["txt"].decode("utf-8") if "txt" in files else None, meta=meta,
@@ -255,19 +262,35 @@ def _read_tar_samples(path: Path) -> list[RawSample]:
     return samples
 
 
-def _webdataset(cfg: Any, data_root: Path, seed: int) -> PreparedSource:
+def _webdataset_tars(cfg: Any) -> list[str]:
+    """The source's tars: a local folder's ``*.tar`` or one local tar; remotely, a brace pattern
+    (``https://host/shards/{00000..00009}.tar``), an object-store prefix, or a ``pipe:`` command."""
     if cfg.path is None:
-        raise SourceError("shard.source.path: webdataset needs a folder of .tar shards")
+        raise SourceError("shard.source.path: webdataset needs a folder of .tar shards, or their URLs")
+    if remote.is_remote(cfg.path):
+        try:
+            tars = remote.list_tars(cfg.path)
+        except (ImportError, ValueError, OSError) as exc:  # BadInputError is a ValueError: said as it is
+            raise SourceError(f"shard.source.path={cfg.path}: {exc}",
+                              hint="s3:// and gs:// need pip install 'patchflow[remote]'") from None
+        if not tars:
+            raise SourceError(f"{cfg.path}: no .tar shards found")
+        return tars
     root = Path(cfg.path).expanduser()
     tars = sorted(root.glob("*.tar")) if root.is_dir() else [root]
     if not tars or not all(t.is_file() for t in tars):
         raise SourceError(f"{root}: no .tar shards found")
+    return [str(tar) for tar in tars]
+
+
+def _webdataset(cfg: Any, data_root: Path, seed: int) -> PreparedSource:
     by_split: dict[str, list[RawSample]] = {}
-    for tar in tars:
-        split = next((s for s in ("train", "val", "test") if tar.name.startswith(s)), "train")
+    for tar in _webdataset_tars(cfg):
+        name = remote.file_name(tar)
+        split = next((s for s in ("train", "val", "test") if name.startswith(s)), "train")
         by_split.setdefault(split, []).extend(_read_tar_samples(tar))
     splits = _limited_splits(by_split.get("train", []), by_split.get("val"), by_split.get("test"), cfg, seed)
-    return PreparedSource(splits, None, {"kind": "webdataset", "path": str(root)})
+    return PreparedSource(splits, None, {"kind": "webdataset", "path": str(cfg.path)})
 
 
 SOURCES: dict[str, Callable[[Any, Path, int], PreparedSource]] = {
@@ -333,9 +356,10 @@ def _caption_table_fingerprint(cfg: Any, data_root: Path) -> str:
 
 
 def _webdataset_fingerprint(cfg: Any, data_root: Path) -> str:
-    root = Path(cfg.path).expanduser()
-    tars = sorted(root.glob("*.tar")) if root.is_dir() else [root]
-    return fingerprint("webdataset", [stat_entry(tar, tar.name) for tar in tars])
+    tars = _webdataset_tars(cfg)
+    if remote.is_remote(cfg.path):  # a HEAD (or an object store's listing) per shard: no shard is read
+        return fingerprint("webdataset", [remote.stat_entry(tar) for tar in tars])
+    return fingerprint("webdataset", [stat_entry(Path(tar), Path(tar).name) for tar in tars])
 
 
 _SOURCE_FINGERPRINTS: dict[str, Callable[[Any, Path], str]] = {
