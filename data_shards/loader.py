@@ -77,13 +77,16 @@ class LoaderSpec:
 
 
 def split_shards(manifest_path: str | Path, split: str) -> tuple[str, ...]:
-    """Paths of a split's shards, as listed (and checksummed) in a shard stage's manifest."""
+    """Paths of a split's shards, as listed (and checksummed) in a shard stage's manifest: beside it,
+    or at its ``location`` when the stage uploaded them (``shard.output``)."""
     manifest_path = Path(manifest_path)
     manifest = json.loads(manifest_path.read_text())
     splits = manifest["outputs"]["splits"]
     if split not in splits:
         raise KeyError(f"{manifest_path}: no split {split!r} (has {sorted(splits)})")
-    return tuple(str(manifest_path.parent / shard["name"]) for shard in splits[split]["shards"])
+    location = manifest["outputs"].get("location")
+    return tuple(f"{location}/{shard['name']}" if location else str(manifest_path.parent / shard["name"])
+                 for shard in splits[split]["shards"])
 
 
 @functools.lru_cache(maxsize=64)
@@ -106,7 +109,7 @@ def _manifest_entries(shard_paths: tuple[str, ...]) -> list[tuple[int, int]]:
         manifest = remote.sibling(path, "manifest.json") if far else str(Path(path).parent / "manifest.json")
         try:
             listed = _manifest_shards(manifest, 0 if far else Path(manifest).stat().st_mtime_ns)
-        except (OSError, ValueError, KeyError, http.client.HTTPException) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the store or the file says, named with the manifest
             raise ShardError(f"shard {path}: no readable manifest beside it ({manifest}: {exc}); "
                              f"the loader needs its sample count to detect truncation", hint=_rebuild_hint(path)) from None
         name = remote.file_name(path)
@@ -148,9 +151,10 @@ def iterate_tar(path: str) -> Iterator[dict[str, Any]]:
                 current.setdefault("__key__", key)
                 current[ext] = stream.extractfile(member).read()
             raw.read()  # past the end-of-archive blocks to the end: a pipe: command's failure shows only there
-    except remote.PermanentReadError as exc:
-        raise ShardError(f"shard {path}: cannot be read: {exc}", hint=_rebuild_hint(path)) from exc
     except (tarfile.TarError, OSError, EOFError, http.client.HTTPException) as exc:
+        if remote.is_permanent(exc):  # an object store may say so only at the first read
+            reason = exc if isinstance(exc, remote.PermanentReadError) else remote.PermanentReadError(f"{path}: {exc}")
+            raise ShardError(f"shard {path}: cannot be read: {exc}", hint=_rebuild_hint(path)) from reason
         raise ShardError(f"shard {path}: corrupt or truncated tar after key {current.get('__key__')!r}: {exc}",
                          hint=_rebuild_hint(path)) from None
     if current:

@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from typing import IO, Callable, TypeVar
 
-from data_shards.errors import BadInputError
+from data_shards.errors import BadInputError, TransientError
 
 log = logging.getLogger("patchflow.loader")
 
@@ -100,15 +100,8 @@ def open_stream(path: str) -> IO[bytes]:
 
 
 def _fsspec_open(url: str) -> IO[bytes]:
-    import fsspec
-
-    try:
-        return fsspec.open(url, "rb").open()
-    except (ImportError, ValueError) as exc:
-        if "protocol" in str(exc).lower() or isinstance(exc, ImportError):
-            raise BadInputError(f"{url}: reading {url.split('://')[0]}:// needs its fsspec driver ({exc})",
-                                hint="pip install 'patchflow[remote]' (s3fs, gcsfs)") from None
-        raise
+    fs, path = _filesystem(url)
+    return fs.open(path, "rb")  # type: ignore[attr-defined]
 
 
 class _CommandStream(io.RawIOBase):
@@ -153,25 +146,32 @@ def read_bytes(path: str) -> bytes:
     return with_retries(path, read) if is_remote(path) else read()
 
 
-def with_retries(path: str, attempt: Callable[[], T]) -> T:
-    """``attempt()``, tried up to :data:`ATTEMPTS` times while it fails with anything but a
-    :class:`PermanentReadError`; the last failure is raised."""
+# Faults a retry cannot get past: the object, bucket, permission or credentials are not there.
+PERMANENT_FAULTS = (PermanentReadError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_PERMANENT_NAMES = frozenset({"NoCredentialsError", "PartialCredentialsError"})  # botocore's, not imported here
+
+
+def is_permanent(exc: BaseException) -> bool:
+    return isinstance(exc, PERMANENT_FAULTS) or type(exc).__name__ in _PERMANENT_NAMES
+
+
+def with_retries(path: str, attempt: Callable[[], T], action: str = "read") -> T:
+    """``attempt()``, tried up to :data:`ATTEMPTS` times while it fails with anything but one of
+    :data:`PERMANENT_FAULTS`; the last failure is raised."""
     for number in range(1, ATTEMPTS + 1):
         try:
             return attempt()
-        except PermanentReadError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any fault of a remote read may be the connection's
-            if number == ATTEMPTS:
+        except Exception as exc:  # noqa: BLE001 - any other fault of a remote call may be the connection's
+            if number == ATTEMPTS or is_permanent(exc):
                 raise
-            pause_before_retry(path, number, exc)
+            pause_before_retry(path, number, exc, action)
     raise AssertionError("unreachable")
 
 
-def pause_before_retry(path: str, failed_attempt: int, exc: BaseException) -> None:
+def pause_before_retry(path: str, failed_attempt: int, exc: BaseException, action: str = "read") -> None:
     """Say what failed and wait before the next attempt (exponential backoff)."""
     delay = BACKOFF_S * 2 ** (failed_attempt - 1)
-    log.warning("%s: read failed (%s: %s); retry %d of %d in %.1f s", path, type(exc).__name__, exc,
+    log.warning("%s: %s failed (%s: %s); retry %d of %d in %.1f s", path, action, type(exc).__name__, exc,
                 failed_attempt, ATTEMPTS - 1, delay)
     time.sleep(delay)
 
@@ -208,10 +208,8 @@ def list_tars(location: str) -> list[str]:
     if location.startswith(("http://", "https://")):
         raise BadInputError(f"{location}: an HTTP server cannot list a folder; name the shards, e.g. "
                             f"{location.rstrip('/')}/train-{{000000..000009}}.tar")
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(location)
-    found = sorted(fs.glob(f"{root.rstrip('/')}/*.tar"))
+    fs, root = _filesystem(location)
+    found = sorted(fs.glob(f"{root.rstrip('/')}/*.tar"))  # type: ignore[attr-defined]
     protocol = location.split("://", 1)[0]
     return [f"{protocol}://{path}" for path in found]
 
@@ -229,10 +227,82 @@ def stat_entry(path: str) -> list[object]:
             with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:  # noqa: S310
                 headers = response.headers
                 return [name, headers.get("Content-Length"), headers.get("ETag") or headers.get("Last-Modified")]
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(path)
-        info = fs.info(root)
+        fs, root = _filesystem(path)
+        info = fs.info(root)  # type: ignore[attr-defined]
         return [name, info.get("size"), str(info.get("ETag") or info.get("LastModified") or info.get("mtime"))]
     except (OSError, http.client.HTTPException, ValueError):
         return [name, "missing"]
+
+
+# ----------------------------------------------------------------------------- writing, and reading a byte range
+
+def _filesystem(url: str) -> tuple[object, str]:
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as exc:
+        raise BadInputError(f"{url}: {url.split('://')[0]}:// needs its fsspec driver ({exc})",
+                            hint="pip install 'patchflow[remote]' (s3fs, gcsfs)") from None
+
+
+def upload(local: str, url: str) -> None:
+    """Copy the local file to ``url`` (an object-store URL), with :func:`with_retries`.
+
+    Raises:
+        BadInputError: the bucket is missing or refuses these credentials (names the URL).
+        TransientError: the store kept failing (a stage failing so is retried by the pipeline).
+    """
+    fs, path = _filesystem(url)
+    try:
+        with_retries(url, lambda: fs.put_file(str(local), path), action="upload")  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - named, as bad input or as worth another try
+        if is_permanent(exc):
+            raise BadInputError(f"{url}: cannot upload: {exc}", hint="check that the bucket exists and that these "
+                                "credentials may write to it (shard.output, pairs.output)") from None
+        raise TransientError(f"{url}: upload failed {ATTEMPTS} times: {type(exc).__name__}: {exc}") from exc
+
+
+def check_bucket(url: str) -> None:
+    """Fail now, naming it, when the bucket of an output prefix is missing or refuses these credentials
+    (before the shard stage encodes a single image); a store that does not answer is left to the
+    uploads' retries."""
+    hint = "create the bucket, or set credentials that may write to it (shard.output, pairs.output)"
+    fs, path = _filesystem(url)
+    bucket = path.split("/", 1)[0]
+    try:
+        found = fs.exists(bucket)  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - sorted below
+        if is_permanent(exc):
+            raise BadInputError(f"{url}: {exc}", hint=hint) from None
+        return
+    if not found:
+        raise BadInputError(f"{url}: bucket {bucket!r} does not exist or cannot be seen with these credentials", hint=hint)
+
+
+def exists(url: str) -> bool | None:
+    """Whether ``url`` exists; None when the store cannot be asked (unreachable, no driver)."""
+    try:
+        if url.startswith(("http://", "https://")):
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=TIMEOUT_S):  # noqa: S310
+                return True
+        fs, path = _filesystem(url)
+        return bool(fs.exists(path))  # type: ignore[attr-defined]
+    except urllib.error.HTTPError as exc:
+        return False if exc.code == 404 else None
+    except (OSError, http.client.HTTPException, BadInputError):
+        return None
+
+
+def read_range(url: str, start: int, size: int) -> bytes:
+    """``size`` bytes of ``url`` from ``start`` (an HTTP Range request, or the object store's), retried."""
+    def read() -> bytes:
+        if url.startswith(("http://", "https://")):
+            request = urllib.request.Request(url, headers={"Range": f"bytes={start}-{start + size - 1}"})
+            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:  # noqa: S310
+                data = response.read()
+                return data if response.status == 206 else data[start:start + size]
+        fs, path = _filesystem(url)
+        return fs.cat_file(path, start=start, end=start + size)  # type: ignore[attr-defined]
+
+    return with_retries(url, read)

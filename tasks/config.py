@@ -111,6 +111,18 @@ class ShardConfig(StrictModel):
     seed: int = 0
     workers: int = Field(default=2, ge=1, description="Processes encoding/validating images.",
                          json_schema_extra={"execution_only": True})  # shards come out byte-identical
+    output: str | None = Field(
+        default=None, description="An object-store prefix (s3://bucket/path, gs://..., any writable fsspec URL) the "
+        "shards are uploaded to, under the stage's key, each as it is finished and the manifest last; the stage "
+        "folder keeps the manifest and training reads the shards from there. None: the shards stay in the stage folder.")
+
+    @field_validator("output")
+    @classmethod
+    def _writable_location(cls, value: str | None) -> str | None:
+        if value is not None and (value.startswith(("http://", "https://", "pipe:")) or "://" not in value):
+            raise ValueError(f"{value!r} is not an object-store prefix like s3://bucket/shards (HTTP is read-only; "
+                             f"a local folder needs no output: the shards stay in the data root)")
+        return value.rstrip("/") if value else value
 
 
 class OptimConfig(StrictModel):

@@ -32,6 +32,7 @@ import faiss
 import numpy as np
 import torch
 
+from data_shards import remote
 from data_shards.progress import progress
 from data_shards.errors import BadInputError
 from data_shards.atomic import write_bytes_atomic, write_json_atomic
@@ -134,10 +135,10 @@ def load_embedder(record: dict[str, Any], data_root: Path, device: str = "cpu") 
 # --------------------------------------------------------------------------- embedding
 
 
-def image_members(shard: Path) -> dict[str, dict[str, Any]]:
-    """key → the image member's name, extension and byte range in the (uncompressed) tar."""
+def image_members(shard: str) -> dict[str, dict[str, Any]]:
+    """key → the image member's name, extension and byte range in the (uncompressed) tar, at a path or URL."""
     members: dict[str, dict[str, Any]] = {}
-    with tarfile.open(shard, "r:") as tar:
+    with remote.open_stream(shard) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
         for info in tar:
             key, _, ext = info.name.partition(".")
             if info.isfile() and ext in IMAGE_EXTS and key not in members:
@@ -153,14 +154,14 @@ def _recording(batches: Iterable[dict[str, Any]], rows: list[dict[str, Any]]) ->
         yield batch
 
 
-def embed_shard(embedder: Embedder, shard: Path, out_dir: Path, batch_size: int) -> int:
-    """Embed one shard into ``out_dir/<shard>.npy`` (+ ``.json`` rows); the array is written last."""
+def embed_shard(embedder: Embedder, shard: str, out_dir: Path, batch_size: int) -> int:
+    """Embed one shard (a path or URL) into ``out_dir/<shard>.npy`` (+ ``.json`` rows); the array is written last."""
     rows: list[dict[str, Any]] = []
-    vectors = embedder.embed_batches(_recording(evaluation_batches(embedder.spec((str(shard),), batch_size)), rows))
+    vectors = embedder.embed_batches(_recording(evaluation_batches(embedder.spec((shard,), batch_size)), rows))
     members = image_members(shard)
     for row in rows:
         row |= members[row["key"]]
-    stem = out_dir / shard.name
+    stem = out_dir / remote.file_name(shard)
     write_json_atomic(stem.with_suffix(".json"), rows)
     buffer = _npy_bytes(vectors)
     write_bytes_atomic(stem.with_suffix(".npy"), buffer)
@@ -181,18 +182,19 @@ def embed_split(embedder: Embedder, shards: tuple[str, ...], out_dir: Path, batc
     out_dir.mkdir(parents=True, exist_ok=True)
     embedded_now: list[str] = []
     vectors, rows = [], []
-    for shard in map(Path, progress(shards, f"index: embedding {out_dir.name}", len(shards))):
-        stem = out_dir / shard.name
+    for shard in progress(shards, f"index: embedding {out_dir.name}", len(shards)):
+        name = remote.file_name(shard)
+        stem = out_dir / name
         if not (stem.with_suffix(".npy").is_file() and stem.with_suffix(".json").is_file()):
             count = embed_shard(embedder, shard, out_dir, batch_size)
-            embedded_now.append(shard.name)
-            log.info("index: embedded %s (%d images)", shard.name, count)
+            embedded_now.append(name)
+            log.info("index: embedded %s (%d images)", name, count)
         shard_rows = json.loads(stem.with_suffix(".json").read_text())
         shard_vectors = np.load(stem.with_suffix(".npy"), allow_pickle=False)
         if len(shard_rows) != len(shard_vectors):
             raise ValueError(f"{stem}: {len(shard_vectors)} vectors but {len(shard_rows)} rows")
         for i, row in enumerate(shard_rows):
-            row["shard"] = shard.name
+            row["shard"] = name
             row["row"] = i
         vectors.append(shard_vectors)
         rows.extend(shard_rows)
@@ -317,7 +319,7 @@ ITEM_FIELDS = ("key", "caption", "label", "shard", "row", "member", "ext", "offs
 
 
 def index_meta(target: IndexTarget, encoder: dict[str, Any], factory: str, tuning: dict[str, Any],
-               rows: list[dict[str, Any]], dim: int, shard_dir: Path) -> dict[str, Any]:
+               rows: list[dict[str, Any]], dim: int, shard_dir: Path | str) -> dict[str, Any]:
     """``<name>.meta.json``: what ``tasks.search.open_index`` needs to answer queries on the index."""
     return {
         "format": META_FORMAT, "name": target.name, "dataset": target.dataset, "split": target.split,
@@ -344,7 +346,10 @@ def build_target(target: IndexTarget, config: IndexConfig, dataset: StageResult,
     set_param(index, tuning["param"], tuning["value"])
     index_path = output_dir / f"{target.name}.faiss"
     write_index_atomic(index, index_path)
-    shard_dir = Path(dataset.output_dir).resolve().relative_to(Path(data_root).resolve())
+    # Where the search service reads thumbnails by byte range: the uploaded shards' location, or the
+    # shard folder relative to the data root (which may move).
+    location = dataset.manifest()["outputs"].get("location")
+    shard_dir = location or Path(dataset.output_dir).resolve().relative_to(Path(data_root).resolve())
     meta = index_meta(target, record, factory, tuning, rows, int(vectors.shape[1]), shard_dir)
     write_json_atomic(output_dir / f"{target.name}.meta.json", meta)
     metrics = {"recall_at_10": tuning["recall_at_10"], "qps": tuning["qps"], "bytes": float(index_path.stat().st_size),

@@ -4,6 +4,7 @@ hold no search logic of their own. Every bad input raises :class:`SearchError` n
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import re
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from data_shards import remote
 from data_shards.errors import BadInputError
 from data_shards.loader import to_model_input
 from tasks.index import META_FORMAT, Embedder, l2_normalise, load_embedder, set_param
@@ -179,13 +181,18 @@ def thumbnail(index: OpenIndex, key: str) -> tuple[bytes, str]:
     if key not in index.by_key:
         raise SearchError(f"unknown key {key!r} in index {index.name!r}")
     item = index.meta["items"][index.by_key[key]]
-    shard = index.data_root / index.meta["shard_dir"] / item["shard"]
+    shard_dir = index.meta["shard_dir"]
     try:
-        with open(shard, "rb") as handle:
-            handle.seek(item["offset"])
-            data = handle.read(item["size"])
-    except OSError:
-        raise SearchError(f"shard file {shard} of key {key!r} is missing") from None
+        if remote.is_remote(shard_dir):  # shards uploaded by the shard stage (shard.output)
+            shard: str | Path = f"{shard_dir}/{item['shard']}"
+            data = remote.read_range(str(shard), item["offset"], item["size"])
+        else:
+            shard = index.data_root / shard_dir / item["shard"]
+            with open(shard, "rb") as handle:
+                handle.seek(item["offset"])
+                data = handle.read(item["size"])
+    except (OSError, http.client.HTTPException):
+        raise SearchError(f"shard file {shard} of key {key!r} is missing or unreachable") from None
     if len(data) != item["size"]:
         raise SearchError(f"shard file {shard} is shorter than the metadata says (key {key!r})")
     return data, MEDIA_TYPES.get(item["ext"], "application/octet-stream")

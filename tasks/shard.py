@@ -6,8 +6,9 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from data_shards import remote
 from data_shards.atomic import atomic_directory
 from data_shards.sources import SOURCE_UNAVAILABLE, open_source, source_fingerprint
 from data_shards.writer import describe_split, encode_all, write_split
@@ -45,6 +46,8 @@ def run(config: ShardConfig, inputs: list[StageResult], context: StageContext) -
         log.info("shard: reusing %s", output_dir)
         return done
 
+    if config.output:
+        remote.check_bucket(config.output)
     started = time.perf_counter()
     source = open_source(config.source, context.data_root, seed=config.seed)
     if external["source"] == SOURCE_UNAVAILABLE:
@@ -59,12 +62,16 @@ def run(config: ShardConfig, inputs: list[StageResult], context: StageContext) -
                for split, samples in source.splits.items()}
     encode_seconds = time.perf_counter() - started
 
+    # Remotely, under the same key as the folder: another config never overwrites these shards.
+    location = f"{config.output}/{output_dir.name}" if config.output else None
     with stage_run(STAGE, context.data_root, context.parent_run_id, params=config.model_dump(mode="json")) as tracked:
         with atomic_directory(output_dir) as staging:
             splits = {}
             for split, samples in encoded.items():
                 shards = write_split(staging, split, samples, config.samples_per_shard, config.max_shard_bytes)
                 splits[split] = {**describe_split(samples), "shards": shards}
+                if location:
+                    upload_shards(staging, shards, location)
             elapsed = time.perf_counter() - started
             total = sum(info["num_samples"] for info in splits.values())
             metrics = {f"{split}_samples": float(info["num_samples"]) for split, info in splits.items()}
@@ -75,8 +82,22 @@ def run(config: ShardConfig, inputs: list[StageResult], context: StageContext) -
                 encode_seconds=encode_seconds,
             )
             outputs = {"splits": splits, "classes": source.classes, "source": source.description}
+            if location:
+                outputs["location"] = location
             write_manifest(staging, STAGE, config, inputs, outputs, metrics, tracked.info.run_id, external)
+            if location:  # last: a remote prefix without its manifest is a shard run that did not finish
+                remote.upload(str(staging / MANIFEST_NAME), f"{location}/{MANIFEST_NAME}")
         tracking.log_metrics(metrics)
         tracking.log_artifact(Path(output_dir) / MANIFEST_NAME)
-    log.info("shard: wrote %d samples in %d shards to %s", total, int(metrics["num_shards"]), output_dir)
+    log.info("shard: wrote %d samples in %d shards to %s", total, int(metrics["num_shards"]), location or output_dir)
     return result_from_manifest(Path(output_dir) / MANIFEST_NAME)
+
+
+def upload_shards(staging: Path, shards: list[dict[str, Any]], location: str) -> None:
+    """Upload a split's finished shards to ``location`` and drop the local copies (the manifest,
+    written after, then records no local shard files: the loader reads them from ``location``)."""
+    for shard in shards:
+        local = staging / shard["name"]
+        remote.upload(str(local), f"{location}/{shard['name']}")
+        local.unlink()
+        log.info("shard: uploaded %s (%d samples) to %s", shard["name"], shard["samples"], location)

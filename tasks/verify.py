@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from data_shards import remote
 from data_shards.atomic import sha256_file
 
 MANIFEST_NAME = "manifest.json"
@@ -98,7 +99,10 @@ def verify_stage(output_dir: str | os.PathLike[str]) -> list[str]:
         records = manifest["files"] if "files" in manifest else _named_in_outputs(manifest.get("outputs"))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as exc:
         return [f"{MANIFEST_NAME}: unreadable ({exc})"]
-    problems = (_file_problem(folder / relative, record, relative) for relative, record in sorted(records.items()))
+    problems = [_file_problem(folder / relative, record, relative) for relative, record in sorted(records.items())]
+    location = manifest.get("outputs", {}).get("location") if isinstance(manifest.get("outputs"), dict) else None
+    if location and remote.exists(f"{location}/{MANIFEST_NAME}") is False:  # None: the store did not answer
+        problems.append(f"{location}/{MANIFEST_NAME}: missing (the uploaded shards were removed)")
     return [problem for problem in problems if problem]
 
 

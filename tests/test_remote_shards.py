@@ -7,8 +7,12 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import re
 import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -19,7 +23,9 @@ from data_shards import loader, remote
 from data_shards.loader import LoaderSpec, ShardError, evaluation_batches, split_shards, training_batches
 from data_shards.samples import SourceError
 from data_shards.sources import source_fingerprint
-from tasks.config import SourceConfig
+from tasks.config import ShardConfig, SourceConfig
+from tasks.index import image_members
+from tasks.verify import verify_stage
 from tests.helpers import make_shards, manifest
 
 
@@ -198,3 +204,149 @@ def test_brace_patterns_expand_like_webdataset():
         f"s3://b/p/train-{i:06d}.tar" for i in range(8, 12)]
     assert remote.expand_braces("https://h/{a,b}-{0..1}.tar") == ["https://h/a-0.tar", "https://h/a-1.tar",
                                                                   "https://h/b-0.tar", "https://h/b-1.tar"]
+
+
+# ----------------------------------------------------------------------------- an S3-compatible store
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-compatible server (moto in server mode) in its own process on a loopback port."""
+    pytest.importorskip("s3fs", reason="s3fs is in the dev extra: pip install -e '.[dev]'")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "moto server did not start"
+            time.sleep(0.2)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture
+def bucket(s3_endpoint, monkeypatch, request) -> str:
+    """A fresh bucket; s3fs (and so the shard stage and the loader) pointed at the server."""
+    import boto3
+    import fsspec
+    import s3fs
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    # What a user sets as FSSPEC_S3_ENDPOINT_URL (read when fsspec is imported, hence set here directly).
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": s3_endpoint})
+    s3fs.S3FileSystem.clear_instance_cache()
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    yield name
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _s3_names(prefix: str) -> list[str]:
+    import s3fs
+
+    return sorted(path.rsplit("/", 1)[-1] for path in s3fs.S3FileSystem().ls(prefix))
+
+
+def test_the_shard_stage_writes_to_s3_and_training_reads_it_back_like_disk(bucket, tmp_path):
+    on_disk = make_shards(tmp_path / "disk", samples_per_shard=50)
+    uploaded = make_shards(tmp_path / "up", samples_per_shard=50, output=f"s3://{bucket}/shards/")
+    location = manifest(uploaded)["outputs"]["location"]
+    assert location == f"s3://{bucket}/shards/{Path(uploaded.output_dir).name}"  # under the stage's key
+    assert not list(Path(uploaded.output_dir).glob("*.tar"))  # the stage folder keeps only the manifest
+    disk_splits, s3_splits = manifest(on_disk)["outputs"]["splits"], manifest(uploaded)["outputs"]["splits"]
+    listed = sorted(s["name"] for split in s3_splits.values() for s in split["shards"])
+    assert _s3_names(location) == sorted([*listed, "manifest.json"])
+    for split in ("train", "val", "test"):  # byte-identical shards, wherever they are
+        assert [s["sha256"] for s in s3_splits[split]["shards"]] == [s["sha256"] for s in disk_splits[split]["shards"]]
+
+    urls = split_shards(uploaded.manifest_path, "train")
+    assert all(url.startswith(f"{location}/train-") for url in urls)
+    loader._manifest_shards.cache_clear()
+    _same(_batches(urls, 14), _batches(split_shards(on_disk.manifest_path, "train"), 14))
+    _same(_batches(urls, 4, start_epoch=1, skip=3), _batches(split_shards(on_disk.manifest_path, "train"), 4, 1, 3))
+
+    # What the index and the search service read from such shards: members' offsets, then a byte range.
+    local_tar = split_shards(on_disk.manifest_path, "val")[0]
+    s3_tar = split_shards(uploaded.manifest_path, "val")[0]
+    members = image_members(s3_tar)
+    assert members == image_members(local_tar)
+    first = next(iter(members.values()))
+    with open(local_tar, "rb") as handle:
+        handle.seek(first["offset"])
+        assert remote.read_range(s3_tar, first["offset"], first["size"]) == handle.read(first["size"])
+
+    assert verify_stage(uploaded.output_dir) == []
+    import s3fs
+
+    s3fs.S3FileSystem().rm(f"{location}/manifest.json")
+    assert verify_stage(uploaded.output_dir) == [f"{location}/manifest.json: missing (the uploaded shards were removed)"]
+
+
+def test_an_upload_cut_short_leaves_no_finished_result_and_the_rerun_completes(bucket, tmp_path, monkeypatch):
+    real_upload, uploads = remote.upload, []
+
+    def dies_on_the_third(local: str, url: str) -> None:  # the process dying mid-upload, in-process
+        if len(uploads) == 2:
+            raise KeyboardInterrupt
+        uploads.append(url)
+        real_upload(local, url)
+
+    monkeypatch.setattr(remote, "upload", dies_on_the_third)
+    output = f"s3://{bucket}/shards"
+    with pytest.raises(KeyboardInterrupt):
+        make_shards(tmp_path, samples_per_shard=50, output=output)
+    (prefix,) = {url.rsplit("/", 1)[0] for url in uploads}
+    assert _s3_names(prefix) == ["train-000000.tar", "train-000001.tar"]  # no manifest: visibly unfinished
+    assert not list((tmp_path / "stages" / "shard").glob("*/manifest.json"))  # nor a finished stage folder
+    with pytest.raises(ShardError, match=r"no readable manifest beside it"):
+        _batches((f"{prefix}/train-000000.tar",), 1)
+
+    monkeypatch.setattr(remote, "upload", real_upload)
+    rerun = make_shards(tmp_path, samples_per_shard=50, output=output)
+    assert manifest(rerun)["outputs"]["location"] == prefix  # the same key, so the same prefix, now complete
+    assert "manifest.json" in _s3_names(prefix)
+    loader._manifest_shards.cache_clear()
+    assert len(_batches(split_shards(rerun.manifest_path, "train"), 12)) == 12
+
+
+def test_an_http_shard_output_is_refused_when_the_config_loads():
+    with pytest.raises(ValueError, match="not an object-store prefix"):
+        ShardConfig(output="https://host/shards")
+
+
+def test_a_webdataset_source_in_an_s3_prefix_is_listed_and_sharded_like_disk(bucket, shards, tmp_path):
+    import s3fs
+
+    folder = Path(shards.output_dir)
+    store = s3fs.S3FileSystem()
+    for tar in sorted(folder.glob("*.tar")):
+        store.put_file(str(tar), f"{bucket}/img2dataset/{tar.name}")
+    store.put_file(str(folder / "manifest.json"), f"{bucket}/img2dataset/manifest.json")  # not a tar: not listed
+    in_s3 = SourceConfig(kind="webdataset", path=f"s3://{bucket}/img2dataset")
+    assert source_fingerprint(in_s3, tmp_path).startswith("webdataset: 6 files")
+    fetched = manifest(make_shards(tmp_path / "s3", in_s3))["outputs"]["splits"]
+    local = manifest(make_shards(tmp_path / "disk", SourceConfig(kind="webdataset", path=str(folder))))["outputs"]["splits"]
+    assert {k: [s["sha256"] for s in v["shards"]] for k, v in fetched.items()} == \
+        {k: [s["sha256"] for s in v["shards"]] for k, v in local.items()}
+
+
+def test_a_missing_bucket_is_named_before_any_image_is_encoded(bucket, tmp_path, monkeypatch):
+    from data_shards import writer
+    from data_shards.errors import BadInputError
+
+    encoded = []
+    monkeypatch.setattr(writer, "encode_sample", lambda sample: encoded.append(sample))
+    with pytest.raises(BadInputError, match=r"bucket 'no-such-bucket' does not exist") as raised:
+        make_shards(tmp_path, samples_per_shard=50, output="s3://no-such-bucket/shards")
+    assert "create the bucket" in raised.value.hint
+    assert not encoded and not (tmp_path / "stages").exists()
