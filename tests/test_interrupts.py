@@ -103,6 +103,29 @@ def _children_by_role(pid: int) -> dict[str, list[psutil.Process]]:
     return found
 
 
+def _stop_and_check(process: subprocess.Popen, log: Path, signum: int, to_group: bool, expected_code: int) -> str:
+    """Send ``signum`` (to the process group, as a terminal does, or to the CLI alone) once everything
+    it must stop is running; check the exit code, that it came within STOP_WITHIN_S and that no
+    process survives. Returns the run's output."""
+    watched = [p for group in _children_by_role(process.pid).values() for p in group]
+    code, took = _stop_and_time(process, lambda: (os.killpg if to_group else os.kill)(process.pid, signum))
+    output = log.read_text()
+    print(f"{signal.Signals(signum).name} to the {'group' if to_group else 'CLI'}: exit {code} after {took:.1f} s")
+    assert code == expected_code, output[-3000:]
+    assert took < STOP_WITHIN_S, f"stopped after {took:.1f} s"
+    assert not _survivors(watched, group=process.pid)
+    return output
+
+
+def _run_statuses(root: Path) -> dict[str, str]:
+    """Stage (or ``pipeline``) → the status of its MLflow run in the data root's store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root.resolve()}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("patchflow").experiment_id])
+    return {run.data.tags.get("patchflow.stage", "pipeline"): run.info.status for run in runs}
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_everything_with_130_and_the_next_run_resumes(tmp_path):
     root, log = tmp_path / "root", tmp_path / "run.log"
@@ -110,15 +133,8 @@ def test_ctrl_c_stops_everything_with_130_and_the_next_run_resumes(tmp_path):
     _wait_for_checkpoint(process, root, log)
     children = _children_by_role(process.pid)
     assert children["prefect server"] and children["torchrun"], children  # what the signal must not leave behind
-    watched = [p for group in children.values() for p in group]
 
-    code, took = _stop_and_time(process, lambda: os.killpg(process.pid, signal.SIGINT))  # the terminal's Ctrl-C
-
-    output = log.read_text()
-    print(f"SIGINT to the group: exit {code} after {took:.1f} s")
-    assert code == 130, output[-3000:]
-    assert took < STOP_WITHIN_S, f"stopped after {took:.1f} s"
-    assert not _survivors(watched, group=process.pid)
+    output = _stop_and_check(process, log, signal.SIGINT, to_group=True, expected_code=130)  # the terminal's Ctrl-C
     assert "ConnectError" not in output and "All connection attempts failed" not in output
     assert "SIGINT received" in output
 
@@ -141,26 +157,13 @@ def test_ctrl_c_stops_everything_with_130_and_the_next_run_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_to_the_cli_exits_143_stops_the_server_and_marks_runs_killed(tmp_path):
-    from mlflow.tracking import MlflowClient
-
     root, log = tmp_path / "root", tmp_path / "run.log"
     process = _start_training(root, log, nproc=1)
     _wait_for_checkpoint(process, root, log)
-    children = _children_by_role(process.pid)
-    assert children["prefect server"], children
-    watched = [p for group in children.values() for p in group]
+    assert _children_by_role(process.pid)["prefect server"]
 
-    code, took = _stop_and_time(process, lambda: os.kill(process.pid, signal.SIGTERM))
-
-    output = log.read_text()
-    print(f"SIGTERM to the CLI: exit {code} after {took:.1f} s")
-    assert code == 143, output[-3000:]
-    assert took < STOP_WITHIN_S, f"stopped after {took:.1f} s"
-    assert not _survivors(watched, group=process.pid)
-    client = MlflowClient(f"sqlite:///{root.resolve()}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("patchflow").experiment_id])
-    status = {run.data.tags.get("patchflow.stage", "pipeline"): run.info.status for run in runs}
-    assert status == {"pipeline": "KILLED", "shard": "FINISHED", "mae_pretrain": "KILLED"}
+    _stop_and_check(process, log, signal.SIGTERM, to_group=False, expected_code=143)
+    assert _run_statuses(root) == {"pipeline": "KILLED", "shard": "FINISHED", "mae_pretrain": "KILLED"}
     assert lock.read_holder(lock.lock_path(root)) is None  # released on the way out: the next run starts cleanly
 
 
@@ -168,8 +171,6 @@ def test_sigterm_to_the_cli_exits_143_stops_the_server_and_marks_runs_killed(tmp
 def test_ctrl_c_stops_stages_running_side_by_side_and_the_next_run_resumes_them(tmp_path):
     """concurrent_stages=2: MAE and the VAE train at once, each in a process of its own (its own
     session, out of the terminal's reach); Ctrl-C reaches only the pipeline, which stops both."""
-    from mlflow.tracking import MlflowClient
-
     root, log = tmp_path / "root", tmp_path / "run.log"
     side_by_side = ("concurrent_stages=2", "stages=[shard,mae_pretrain,vae]", "mae.train.steps=300", "vae.train.steps=100",
                     "vae.train.checkpoint_every=5")
@@ -178,19 +179,9 @@ def test_ctrl_c_stops_stages_running_side_by_side_and_the_next_run_resumes_them(
         _wait_for_checkpoint(process, root, log, stage=stage)
     children = _children_by_role(process.pid)
     assert len(children["stage process"]) == 2, children  # MAE and the VAE, at once
-    watched = [p for group in children.values() for p in group]
 
-    code, took = _stop_and_time(process, lambda: os.killpg(process.pid, signal.SIGINT))
-
-    output = log.read_text()
-    print(f"SIGINT with two stages running: exit {code} after {took:.1f} s")
-    assert code == 130, output[-3000:]
-    assert took < STOP_WITHIN_S, f"stopped after {took:.1f} s"
-    assert not _survivors(watched, group=process.pid)
-    client = MlflowClient(f"sqlite:///{root.resolve()}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("patchflow").experiment_id])
-    status = {run.data.tags.get("patchflow.stage", "pipeline"): run.info.status for run in runs}
-    assert status == {"pipeline": "KILLED", "shard": "FINISHED", "mae_pretrain": "KILLED", "vae": "KILLED"}
+    _stop_and_check(process, log, signal.SIGINT, to_group=True, expected_code=130)
+    assert _run_statuses(root) == {"pipeline": "KILLED", "shard": "FINISHED", "mae_pretrain": "KILLED", "vae": "KILLED"}
 
     rerun = subprocess.run([*process.args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env=_cli_env(), cwd=REPO_ROOT, timeout=900)

@@ -292,27 +292,44 @@ def test_the_shard_stage_writes_to_s3_and_training_reads_it_back_like_disk(bucke
     assert verify_stage(uploaded.output_dir) == [f"{location}/manifest.json: missing (the uploaded shards were removed)"]
 
 
-def test_an_upload_cut_short_leaves_no_finished_result_and_the_rerun_completes(bucket, tmp_path, monkeypatch):
-    real_upload, uploads = remote.upload, []
+KILLED_MID_UPLOAD = """
+import sys, time
+from pathlib import Path
+from data_shards import remote
+from tests.helpers import make_shards
 
-    def dies_on_the_third(local: str, url: str) -> None:  # the process dying mid-upload, in-process
-        if len(uploads) == 2:
-            raise KeyboardInterrupt
-        uploads.append(url)
-        real_upload(local, url)
+real_upload, marker = remote.upload, Path(sys.argv[2])
+def upload(local, url):
+    if marker.exists():  # two shards are up: hang in the third upload until the test kills this process
+        time.sleep(600)
+    real_upload(local, url)
+    if url.endswith("train-000001.tar"):
+        marker.write_text(url.rsplit("/", 1)[0])
+remote.upload = upload
+make_shards(Path(sys.argv[1]), samples_per_shard=50, output=sys.argv[3])
+"""
 
-    monkeypatch.setattr(remote, "upload", dies_on_the_third)
-    output = f"s3://{bucket}/shards"
-    with pytest.raises(KeyboardInterrupt):
-        make_shards(tmp_path, samples_per_shard=50, output=output)
-    (prefix,) = {url.rsplit("/", 1)[0] for url in uploads}
+
+def test_a_process_killed_mid_upload_leaves_no_finished_result_and_the_rerun_completes(bucket, s3_endpoint, tmp_path):
+    output, marker = f"s3://{bucket}/shards", tmp_path / "two-shards-up"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "FSSPEC_S3_ENDPOINT_URL": s3_endpoint}
+    process = subprocess.Popen([sys.executable, "-c", KILLED_MID_UPLOAD, str(tmp_path / "root"), str(marker), output],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert process.poll() is None, process.stdout.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no upload within 120 s"
+        time.sleep(0.1)
+    process.kill()  # SIGKILL: no clean-up of any kind runs
+    process.wait()
+
+    prefix = marker.read_text()
     assert _s3_names(prefix) == ["train-000000.tar", "train-000001.tar"]  # no manifest: visibly unfinished
-    assert not list((tmp_path / "stages" / "shard").glob("*/manifest.json"))  # nor a finished stage folder
+    assert not list((tmp_path / "root" / "stages" / "shard").glob("*/manifest.json"))  # nor a finished stage
     with pytest.raises(ShardError, match=r"no readable manifest beside it"):
         _batches((f"{prefix}/train-000000.tar",), 1)
 
-    monkeypatch.setattr(remote, "upload", real_upload)
-    rerun = make_shards(tmp_path, samples_per_shard=50, output=output)
+    rerun = make_shards(tmp_path / "root", samples_per_shard=50, output=output)
     assert manifest(rerun)["outputs"]["location"] == prefix  # the same key, so the same prefix, now complete
     assert "manifest.json" in _s3_names(prefix)
     loader._manifest_shards.cache_clear()
