@@ -235,6 +235,27 @@ def vit_from_name(size: str, **kwargs) -> VisionTransformer:
     return VisionTransformer(**arguments)
 
 
+PATCH_WEIGHT = "patch_embed.proj.weight"
+
+
+def with_input_channels(state_dict: dict[str, torch.Tensor], in_chans: int) -> dict[str, torch.Tensor]:
+    """A ViT state dict whose patch projection takes ``in_chans`` channels: a grey encoder's weights
+    spread evenly over RGB (a grey picture given as RGB embeds exactly as before, the usual way to start
+    a colour model from a grey one), or an RGB encoder's summed to one channel (the same identity the
+    other way round). Other channel counts are refused."""
+    weight = state_dict[PATCH_WEIGHT]
+    have = weight.shape[1]
+    if have == in_chans:
+        return state_dict
+    if have == 1:
+        converted = weight.repeat(1, in_chans, 1, 1) / in_chans
+    elif in_chans == 1:
+        converted = weight.sum(dim=1, keepdim=True)
+    else:
+        raise ValueError(f"cannot turn a {have}-channel patch projection into a {in_chans}-channel one")
+    return {**state_dict, PATCH_WEIGHT: converted}
+
+
 def param_count(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements in ``module``; frozen ones (the sin-cos positions) count unless ``trainable_only``."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

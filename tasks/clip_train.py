@@ -25,6 +25,7 @@ from data_shards.atomic import sha256_file, write_json_atomic
 from data_shards.loader import LoaderSpec, evaluation_batches, split_shards, training_batches
 from models.clip import CLIP, clip_loss, load_clip, save_clip
 from models.tokenizer import Tokenizer
+from models.vit import with_input_channels
 from tasks import tracking
 from tasks.checkpoint import load_torch_file, save_torch_atomic
 from tasks.config import CLIPConfig
@@ -67,18 +68,20 @@ def build_model(config: CLIPConfig) -> CLIP:
 
 def check_mae_geometry(config: CLIPConfig, mae_architecture: dict[str, Any]) -> None:
     """Refuse an MAE encoder whose geometry differs from the image tower's, naming the field."""
-    wanted = {"image_size": config.image_size, "patch_size": config.patch_size, "in_chans": config.channels,
-              "encoder_size": config.vision_size}
+    # Channels may differ: load_mae_encoder spreads a grey encoder over RGB (or sums an RGB one to grey).
+    wanted = {"image_size": config.image_size, "patch_size": config.patch_size, "encoder_size": config.vision_size}
     for field, value in wanted.items():
         if mae_architecture.get(field) != value:
             raise BadInputError(f"clip.image_init=mae: the MAE encoder has {field}={mae_architecture.get(field)!r} but the "
-                             f"CLIP image tower has {field}={value!r}; set clip.{'channels' if field == 'in_chans' else 'vision_size' if field == 'encoder_size' else field} "
+                             f"CLIP image tower has {field}={value!r}; set clip.{'vision_size' if field == 'encoder_size' else field} "
                              f"to match, or clip.image_init=random")
 
 
 def load_mae_encoder(model: CLIP, encoder_path: str | Path) -> None:
-    """The MAE encoder's weights into the image tower, every key matched (strict)."""
-    model.visual.load_state_dict(load_torch_file(Path(encoder_path)), strict=True)
+    """The MAE encoder's weights into the image tower, every key matched (strict); a grey MAE's patch
+    projection is spread over the tower's RGB channels (``models.vit.with_input_channels``)."""
+    state = with_input_channels(load_torch_file(Path(encoder_path)), model.visual.patch_embed.proj.in_channels)
+    model.visual.load_state_dict(state, strict=True)
 
 
 def pick_captions(captions: list[str]) -> list[str]:

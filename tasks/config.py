@@ -461,8 +461,7 @@ class PipelineConfig(StrictModel):
         pairs = [("clip.vision_size", self.clip.vision_size, "mae.encoder_size", self.mae.encoder_size),
                  ("clip.image_size", self.clip.image_size, "mae.image_size", self.mae.image_size),
                  ("clip.patch_size", self.clip.patch_size, "mae.patch_size", self.mae.patch_size)]
-        if self.shard.source.kind == "fashion_mnist":  # the MAE sees grey images; other sources are known only once sharded
-            pairs.append(("clip.channels", self.clip.channels, "the MAE's input channels (fashion_mnist)", 1))
+        # Channels may differ: a grey MAE's patch projection is spread over RGB when it is loaded.
         return [f"clip.image_init='mae' starts the image tower from the MAE encoder, but {clip_field}={clip_value!r} "
                 f"differs from {mae_field}={mae_value!r}; set {clip_field}: {mae_value!r}, {fix}"
                 for clip_field, clip_value, mae_field, mae_value in pairs if clip_value != mae_value]

@@ -253,7 +253,8 @@ def test_mae_init_loads_strictly_and_refuses_another_geometry(tmp_path):
     torch.testing.assert_close(model.visual.patch_embed.proj.weight, encoder.patch_embed.proj.weight)
     arch = {"encoder_size": "nano", "image_size": 28, "patch_size": 4, "in_chans": 1}
     clip_train.check_mae_geometry(config, arch)
-    for field, value in [("image_size", 32), ("patch_size", 7), ("in_chans", 3), ("encoder_size", "micro")]:
+    clip_train.check_mae_geometry(config, {**arch, "in_chans": 3})  # channels are converted, not refused
+    for field, value in [("image_size", 32), ("patch_size", 7), ("encoder_size", "micro")]:
         with pytest.raises(ValueError, match=field):
             clip_train.check_mae_geometry(config, {**arch, field: value})
     torch.save({k: v for k, v in encoder.state_dict().items() if k != "norm.weight"}, tmp_path / "partial.pt")
@@ -261,10 +262,26 @@ def test_mae_init_loads_strictly_and_refuses_another_geometry(tmp_path):
         clip_train.load_mae_encoder(clip_train.build_model(config), tmp_path / "partial.pt")
 
 
+def test_a_grey_mae_starts_a_colour_tower_that_embeds_grey_pictures_as_the_mae_did(tmp_path):
+    from models.mae import mae_from_name
+    encoder = mae_from_name("nano", img_size=28, patch_size=4, in_chans=1).encoder
+    torch.save(encoder.state_dict(), tmp_path / "encoder.pt")
+    model = clip_train.build_model(CLIPConfig(image_init="mae", channels=3))
+    clip_train.load_mae_encoder(model, tmp_path / "encoder.pt")
+    grey = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(model.visual.embed_patches(grey.expand(-1, 3, -1, -1)), encoder.embed_patches(grey))
+    with pytest.raises(ValueError, match="3-channel patch projection into a 4-channel"):
+        from models.vit import with_input_channels
+        with_input_channels({"patch_embed.proj.weight": torch.zeros(8, 3, 4, 4)}, 4)
+
+
 def test_presets_with_pairs_validate_and_without_pairs_run_no_clip():
-    demo = load_config("demo")
-    assert demo.pairs is not None and demo.clip.image_init == "mae" and "clip_train" in demo.stages
-    assert (demo.clip.image_size, demo.clip.patch_size, demo.clip.channels) == (demo.mae.image_size, demo.mae.patch_size, 1)
+    demo, small = load_config("demo"), load_config("small")
+    assert demo.pairs is not None and "clip_train" in demo.stages
+    assert (demo.clip.image_init, demo.clip.channels) == ("random", 3)  # colour: see the preset's comment
+    assert small.pairs is not None and small.clip.image_init == "mae"  # the MAE → CLIP chain
+    assert (small.clip.image_size, small.clip.patch_size, small.clip.vision_size) == (
+        small.mae.image_size, small.mae.patch_size, small.mae.encoder_size)
     assert load_config("base").pairs is None
 
 

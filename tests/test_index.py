@@ -355,14 +355,11 @@ def test_pairs_clip_index_answers_text_queries_exactly_as_brute_force(tmp_path):
 
 @pytest.mark.slow
 def test_twemoji_names_find_their_emoji_in_the_top_10_of_a_demo_clip_index_well_above_chance(tmp_path):
-    """The demo's pairs and CLIP recipe (random image init, so no MAE is needed), indexed over the
+    """The demo's pairs and CLIP recipe (colour, random image init: no MAE needed), indexed over the
     held-out split, whose emoji and their variants never appeared in training: each held-out name,
-    typed as a user would, should bring back that very emoji among the top 10 well above chance.
-
-    The looser "that emoji or a variant" rate is printed beside its own chance but not asserted: the
-    held-out split is dominated by large skin-tone and gender families (chance 11%), and the demo's
-    150-step CLIP ranks a family's members about as well as any other people emoji (measured 10.8%).
-    """
+    typed as a user would, should bring back that very emoji, or at least one of its skin-tone, gender
+    or hair variants, among the top 10, well above chance (the split is dominated by large variant
+    families, so that chance is about 11%)."""
     import csv
     from math import comb
 
@@ -371,8 +368,8 @@ def test_twemoji_names_find_their_emoji_in_the_top_10_of_a_demo_clip_index_well_
     from tests._shared_data import require_shared
 
     table = require_shared("emoji-captions/twemoji") / "captions.tsv"
-    demo = load_config("demo", [f"pairs.source.path={table.parent}", "clip.image_init=random", "clip.baseline=false",
-                                "clip.train.num_workers=0"])
+    demo = load_config("demo", [f"pairs.source.path={table.parent}", "clip.train.num_workers=0"])
+    assert demo.clip.image_init == "random"  # the test trains CLIP alone
     pairs = make_shards(tmp_path, demo.pairs.source, samples_per_shard=demo.pairs.samples_per_shard)
     clip = clip_train.run(demo.clip, [pairs], StageContext(data_root=tmp_path))
     config = IndexConfig(targets=[IndexTarget(name="held-out", dataset="pairs", encoder="clip", split="val")])
@@ -397,5 +394,7 @@ def test_twemoji_names_find_their_emoji_in_the_top_10_of_a_demo_clip_index_well_
     print(f"held-out Twemoji names ({n}): the emoji itself in the top 10 for {exact_rate:.1%} (chance "
           f"{exact_chance:.1%}); it or a variant for {variant / n:.1%} (chance {variant_chance / n:.1%})")
     assert n > 400
-    # Measured 4.8% against 1.8% (2.6x) on 2026-12-02; 2x leaves room for another machine's float order.
-    assert exact_rate > 2 * exact_chance, (exact_rate, exact_chance)
+    # Measured 23.9% against 1.8% (13x), and 29.9% against 11.3% (2.6x) on 2026-12-04; the margins leave
+    # room for another machine's float order.
+    assert exact_rate > 5 * exact_chance, (exact_rate, exact_chance)
+    assert variant / n > 1.8 * variant_chance / n, (variant / n, variant_chance / n)
