@@ -149,7 +149,7 @@ def _register(registration: Registration, judge: StageResult, source: StageResul
                                         serialization_format="pickle")
     tags = {"patchflow.digest": source.digest, "patchflow.stage": source.stage, "patchflow.run_id": judge.mlflow_run_id,
             **{f"metric.{k}": f"{v:.6g}" for k, v in judge.metrics.items()}}
-    version = mlflow.register_model(info.model_uri, name, tags=tags).version
+    version = _new_version(client, name, info, tags)
     score = judge.metrics[registration.quality]
     champion = _champion_score(client, name, registration.quality)
     if champion is None or score > champion:
@@ -170,6 +170,15 @@ def _pickle_notice_off() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+def _new_version(client: MlflowClient, name: str, info: Any, tags: dict[str, str]) -> str:
+    """Register the logged model as a new version of ``name`` through the client, which says nothing:
+    ``mlflow.register_model`` prints two lines per model to stderr on every run that trains one."""
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name)
+    return client.create_model_version(name=name, source=info.model_uri, run_id=info.run_id, tags=tags,
+                                       model_id=info.model_id).version
 
 
 def _champion_score(client: MlflowClient, name: str, quality: str) -> float | None:
