@@ -176,7 +176,6 @@ def pause_before_retry(path: str, failed_attempt: int, exc: BaseException, actio
     time.sleep(delay)
 
 
-
 # ----------------------------------------------------------------------------- listing remote sources
 
 _BRACES = re.compile(r"\{([^{}]*)\}")
@@ -281,16 +280,12 @@ def check_bucket(url: str) -> None:
 
 
 def exists(url: str) -> bool | None:
-    """Whether ``url`` exists; None when the store cannot be asked (unreachable, no driver)."""
+    """Whether the object at ``url`` (an object-store URL, as ``shard.output`` is) exists; None when the
+    store cannot be asked (unreachable, no driver)."""
     try:
-        if url.startswith(("http://", "https://")):
-            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=TIMEOUT_S):  # noqa: S310
-                return True
         fs, path = _filesystem(url)
         return bool(fs.exists(path))  # type: ignore[attr-defined]
-    except urllib.error.HTTPError as exc:
-        return False if exc.code == 404 else None
-    except (OSError, http.client.HTTPException, BadInputError):
+    except (OSError, BadInputError):
         return None
 
 

@@ -162,8 +162,7 @@ def test_a_remote_folder_without_a_manifest_is_named_before_any_batch(tmp_path):
     (tmp_path / "train-000000.tar").write_bytes(b"")
     with ShardServer(tmp_path) as bare:
         with pytest.raises(ShardError, match=r"no readable manifest beside it .*manifest\.json.*404"):
-            LoaderSpec(shard_paths=(f"{bare.url}/train-000000.tar",), batch_size=4) and _batches(
-                (f"{bare.url}/train-000000.tar",), 1)
+            loader.ShardStream(LoaderSpec(shard_paths=(f"{bare.url}/train-000000.tar",), batch_size=4))
 
 
 def test_pipe_commands_read_shards_and_their_manifest_like_disk(shards):
