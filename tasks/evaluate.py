@@ -102,7 +102,7 @@ def finetune_scores(config: EvalConfig, architecture: dict, encoder_path: Path |
                     run_id: str, data_root: Path, device: str = "cpu") -> dict[str, float]:
     """Fine-tune the pretrained encoder (or train the same ViT from scratch when no weights)."""
     train = config.finetune_train
-    train_spec = dataclasses.replace(specs["train"], shuffle=True, augment="crop_flip", batch_size=train.batch_size,
+    train_spec = dataclasses.replace(specs["train"], shuffle=True, augment=config.finetune_augment, batch_size=train.batch_size,
                                      shuffle_buffer=train.shuffle_buffer, num_workers=train.num_workers, seed=train.seed)
     job = FinetuneJob(
         architecture=architecture, num_classes=num_classes, encoder_path=None if encoder_path is None else str(encoder_path),

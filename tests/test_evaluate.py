@@ -58,6 +58,10 @@ def test_evaluate_stage_writes_every_metric_with_baselines(pretrained):
     classifier = torch.load(Path(result.output_dir) / "classifier.pt")
     assert "fc_norm.weight" in classifier and "norm.weight" not in classifier
     evaluate.build_encoder(outputs["architecture"], num_classes=10).load_state_dict(classifier)
+    # Fine-tuning and its scratch baseline train on the same augmentation: the configured one (flip by default).
+    for name in ("finetune", "scratch"):
+        job = json.loads((Path(result.output_dir) / name / "job.json").read_text())
+        assert job["loader"]["augment"] == EvalConfig().finetune_augment == "flip", name
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
     assert {"confusion_matrix.png", "per_class_accuracy.json"} <= artifacts
