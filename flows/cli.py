@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import traceback
@@ -94,10 +95,19 @@ def _print_query_commands(results: dict, data_root: str) -> None:
     """The exact query and serve commands that work on the indexes this run built."""
     if "index" not in results:
         return
-    root = f"--data-root {data_root}"
+    root = f"--data-root {shlex.quote(str(data_root))}"
+    summaries = results["index"].manifest()["outputs"]["targets"]
     for target in results["index"].manifest()["config"]["targets"]:
-        if target["encoder"] == "clip":
-            print(f"Text query: patchflow query --index {target['name']} --text 'a red heart' -k 5 {root}")
+        example = summaries[target["name"]].get("example_text_query")
+        if target["encoder"] != "clip" or example is None:
+            continue
+        if example["text"] is None:
+            print(f"Text query: patchflow query --index {target['name']} --text TEXT -k 5 {root}   (none of "
+                  f"{example['tried']} indexed captions found its own image in the top 5)")
+            continue
+        print(f"Text query: patchflow query --index {target['name']} --text {shlex.quote(example['text'])} -k 5 {root}"
+              f"   (its image ranks #{example['rank']}; {example['recall_at_5']:.0%} of {example['tried']} indexed "
+              f"captions find their own image in the top 5)")
     first = results["index"].manifest()["config"]["targets"][0]["name"]
     print(f"Image query: patchflow query --index {first} --image PATH.png -k 5 {root}")
     print(f"Search page and HTTP API: patchflow serve {root}   (then open http://127.0.0.1:8000)")

@@ -242,6 +242,11 @@ class VAEConfig(StrictModel):
     width: int = Field(default=32, gt=0)
     image_size: int = Field(default=32, gt=0)
     train: TrainConfig = TrainConfig(steps=300, batch_size=64, optim=OptimConfig(base_lr=5e-4, weight_decay=0.0, warmup_steps=20))
+    # TAEF2 was trained on natural images; 150 steps of its decoder on Fashion-MNIST took val PSNR from
+    # 24.2 to 30.5 dB (README, vae). The encoder stays frozen, so the latents are TAEF2's own.
+    decoder_finetune: TrainConfig | None = Field(
+        default=None, description="With pretrained weights: train only the decoder on the train split with these "
+                                  "settings (encoder frozen, latents unchanged); None uses the decoder as it is.")
 
     @model_validator(mode="after")
     def _downsamples_cleanly(self) -> "VAEConfig":

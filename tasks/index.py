@@ -330,6 +330,30 @@ def index_meta(target: IndexTarget, encoder: dict[str, Any], factory: str, tunin
     }
 
 
+EXAMPLE_CANDIDATES = 256  # indexed captions tried as text queries
+EXAMPLE_K = 5
+
+
+def example_text_query(embedder: Embedder, index: faiss.Index, rows: list[dict[str, Any]], seed: int = 0
+                       ) -> dict[str, Any]:
+    """Captions of indexed pairs, in a seeded order, queried as text against the index: how often a
+    caption finds its own image in the top ``EXAMPLE_K``, and the first that does, with its rank.
+
+    The run's last screen suggests that caption as a text query: a fixed phrase could return
+    unrelated images from a briefly trained model, and a suggestion that fails teaches nothing.
+    """
+    order = [int(i) for i in np.random.default_rng(seed).permutation(len(rows)) if rows[i]["caption"].strip()]
+    order = order[:EXAMPLE_CANDIDATES]
+    if not order:
+        return {"text": None, "rank": None, "tried": 0, "recall_at_5": 0.0}
+    _, found = index.search(embedder.embed_text([rows[i]["caption"] for i in order]), EXAMPLE_K)
+    ranks = [list(ids).index(i) + 1 if i in ids else None for i, ids in zip(order, found)]
+    first = next((pos for pos, rank in enumerate(ranks) if rank is not None), None)
+    return {"text": None if first is None else rows[order[first]]["caption"],
+            "rank": None if first is None else ranks[first], "tried": len(order),
+            "recall_at_5": sum(rank is not None for rank in ranks) / len(order)}
+
+
 def build_target(target: IndexTarget, config: IndexConfig, dataset: StageResult, encoder: StageResult,
                  output_dir: Path, data_root: Path, device: str) -> tuple[dict[str, Any], dict[str, float]]:
     record = encoder_record(target.encoder, encoder, data_root)
@@ -357,10 +381,15 @@ def build_target(target: IndexTarget, config: IndexConfig, dataset: StageResult,
                "target_met": float(tuning["target_met"]), "shards_embedded": float(len(embedded_now))}
     if tuning["value"] is not None:
         metrics[tuning["param"]] = float(tuning["value"])
+    example = example_text_query(embedder, index, rows) if embedder.kind == "clip" else None
+    if example is not None:
+        metrics["caption_recall_at_5"] = example["recall_at_5"]
     summary = {"index": index_path.name, "meta": f"{target.name}.meta.json", "factory": factory,
                "search_param": meta["search_param"], "count": len(rows), "dim": meta["dim"], "dataset": target.dataset,
                "encoder": target.encoder, "split": target.split, "tuning": tuning["tried"],
                "shards_embedded_now": embedded_now}
+    if example is not None:
+        summary["example_text_query"] = example
     tuned = f" ({tuning['param']}={tuning['value']})" if tuning["value"] is not None else " (exact)"
     log.info("index %s: %s%s over %d vectors, recall@10=%.4f qps=%.0f bytes=%d", target.name, factory, tuned, len(rows),
              tuning["recall_at_10"], tuning["qps"], metrics["bytes"])

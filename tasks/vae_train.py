@@ -66,26 +66,38 @@ def vae_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tenso
 
 
 def training_job(job_path: Path, dist: DistInfo) -> TrainJob:
-    """The fallback autoencoder's training job as the stage runs it (also what
-    benchmarks/bench_stage_efficiency.py times)."""
+    """The VAE training job as the stage runs it (also what benchmarks/bench_stage_efficiency.py times):
+    the fallback autoencoder from scratch, or with ``pretrained_dir`` the pretrained decoder alone."""
     job = json.loads(Path(job_path).read_text())
     config, output_dir = VAEConfig.model_validate(job["config"]), Path(job["output_dir"])
-    seed_everything(config.train.seed)
-    model = TinyAutoencoder(latent_channels=config.latent_channels, width=config.width, midblock_gn=False)
-    spec = image_spec(job["shards_manifest"], "train", config.image_size, config.train.batch_size, augment="flip",
-                      num_workers=config.train.num_workers, shuffle_buffer=config.train.shuffle_buffer, seed=config.train.seed)
+    pretrained_dir = job.get("pretrained_dir")
+    train_config = config.decoder_finetune if pretrained_dir else config.train
+    seed_everything(train_config.seed)
+    if pretrained_dir:
+        model = load_pretrained(pretrained_dir)  # frozen; the encoder stays so, so latents do not move
+        model.decoder.requires_grad_(True)
+        model.train()
+        signature = {"pretrained": parameter_fingerprint(model), "image_size": config.image_size, "trains": "decoder"}
+    else:
+        model = TinyAutoencoder(latent_channels=config.latent_channels, width=config.width, midblock_gn=False)
+        signature = {"latent_channels": config.latent_channels, "width": config.width, "image_size": config.image_size}
+    spec = image_spec(job["shards_manifest"], "train", config.image_size, train_config.batch_size, augment="flip",
+                      num_workers=train_config.num_workers, shuffle_buffer=train_config.shuffle_buffer,
+                      seed=train_config.seed)
     return TrainJob(model=model, loss_fn=vae_loss, batches=lambda e, s: training_batches(spec, e, s),
-                    config=config.train, checkpoint_dir=output_dir / "checkpoints",
-                    signature={"latent_channels": config.latent_channels, "width": config.width, "image_size": config.image_size},
+                    config=train_config, checkpoint_dir=output_dir / "checkpoints", signature=signature,
                     log_metrics=tracking.log_metrics if dist.is_main else None, dist=dist)
 
 
-def train_small_vae(config: VAEConfig, shards_manifest: str, output_dir: Path, device: str = "cpu") -> TinyAutoencoder:
-    """Train the fallback autoencoder on ``device``; it is returned frozen, still on ``device``."""
+def train_vae(config: VAEConfig, shards_manifest: str, output_dir: Path, device: str = "cpu",
+              pretrained_dir: Path | None = None) -> TinyAutoencoder:
+    """Train the fallback autoencoder, or the pretrained one's decoder (``config.decoder_finetune``), on
+    ``device``; it is returned frozen, still on ``device``."""
     output_dir.mkdir(parents=True, exist_ok=True)
     job_path = output_dir / "job.json"
     write_json_atomic(job_path, {"config": config.model_dump(mode="json"), "shards_manifest": shards_manifest,
-                                 "output_dir": str(output_dir)})
+                                 "output_dir": str(output_dir),
+                                 "pretrained_dir": None if pretrained_dir is None else str(pretrained_dir)})
     job = training_job(job_path, DistInfo(device=device))
     summary = train(job)
     write_json_atomic(output_dir / "train_summary.json", summary.record(1))
@@ -147,10 +159,15 @@ def run(config: VAEConfig, inputs: list[StageResult], context: StageContext) -> 
     vae = load_pretrained(str(weights)) if weights else None  # bad weights fail first
     device = stage_device(context)
     output_dir.mkdir(parents=True, exist_ok=True)
+    trains = vae is None or config.decoder_finetune is not None
+    val_spec = image_spec(shards.manifest_path, "val", config.image_size)
     with stage_run(STAGE, context.data_root, context.parent_run_id, params=config.model_dump(mode="json"),
-                   system_metrics=vae is None) as tracked:
-        vae = train_small_vae(config, shards.manifest_path, output_dir, device) if vae is None else vae.to(device)
-        psnr, grid = reconstruction_psnr(vae, image_spec(shards.manifest_path, "val", config.image_size))
+                   system_metrics=trains) as tracked:
+        before: dict[str, float] = {}
+        if vae is not None and trains:  # the baseline the fine-tuned decoder is judged against
+            before["pretrained_val_psnr"] = reconstruction_psnr(vae.to(device), val_spec)[0]
+        vae = train_vae(config, shards.manifest_path, output_dir, device, weights) if trains else vae.to(device)
+        psnr, grid = reconstruction_psnr(vae, val_spec)
         stats = latent_statistics(vae, image_spec(shards.manifest_path, "train", config.image_size), seed=config.train.seed)
         log_image(grid, "reconstruction.png")
         vae.cpu()  # saved and fingerprinted on the CPU, where every later stage loads it
@@ -160,8 +177,11 @@ def run(config: VAEConfig, inputs: list[StageResult], context: StageContext) -> 
         outputs = {"vae": {"path": "vae.pt", "sha256": sha256_file(output_dir / "vae.pt")}, "constructor": constructor,
                    "pretrained": weights is not None, "latent_stats": stats, "downsample_factor": 8,
                    "image_size": config.image_size, "parameter_fingerprint": parameter_fingerprint(vae)}
+        outputs["decoder_finetuned"] = weights is not None and trains
         metrics = {"val_psnr": psnr, "latent_channels": float(constructor["latent_channels"]),
-                   "pretrained": float(weights is not None)}
+                   "pretrained": float(weights is not None), **before}
         tracking.log_metrics(metrics)
-        log.info("vae: %s, val PSNR %.2f dB", "pretrained TAEF2" if outputs["pretrained"] else "trained here", psnr)
+        what = "trained here" if weights is None else "pretrained TAEF2" + (", decoder fine-tuned" if trains else "")
+        log.info("vae: %s, val PSNR %.2f dB%s", what, psnr,
+                 f" (before fine-tuning {before['pretrained_val_psnr']:.2f} dB)" if before else "")
         return write_manifest(output_dir, STAGE, config, inputs, outputs, metrics, tracked.info.run_id, external)

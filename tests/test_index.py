@@ -351,6 +351,11 @@ def test_pairs_clip_index_answers_text_queries_exactly_as_brute_force(tmp_path):
     assert [h["key"] for h in hits] == [rows[i]["key"] for i in best]
     np.testing.assert_allclose([h["score"] for h in hits], scores[best], atol=1e-4)
     assert all(h["caption"] for h in hits) and "\n" not in hits[0]["caption"]
+    # The example query the last screen suggests is measured on this index: up to 256 indexed captions tried.
+    example = target["example_text_query"]
+    assert example["tried"] == min(256, target["count"]) and 0.0 <= example["recall_at_5"] <= 1.0
+    assert result.metrics["pairs-clip/caption_recall_at_5"] == example["recall_at_5"]
+    assert (example["text"] is None) == (example["recall_at_5"] == 0.0)
 
 
 @pytest.mark.slow
@@ -373,8 +378,13 @@ def test_twemoji_names_find_their_emoji_in_the_top_10_of_a_demo_clip_index_well_
     pairs = make_shards(tmp_path, demo.pairs.source, samples_per_shard=demo.pairs.samples_per_shard)
     clip = clip_train.run(demo.clip, [pairs], StageContext(data_root=tmp_path))
     config = IndexConfig(targets=[IndexTarget(name="held-out", dataset="pairs", encoder="clip", split="val")])
-    index_stage.run(config, [pairs, clip], StageContext(data_root=tmp_path, extra={"index_datasets": {"pairs": pairs.digest}}))
+    result = index_stage.run(config, [pairs, clip], StageContext(data_root=tmp_path,
+                                                                extra={"index_datasets": {"pairs": pairs.digest}}))
     index = open_index(tmp_path, "held-out")
+    # The suggested text query does what the last screen says: its own image at the stated rank.
+    example = result.manifest()["outputs"]["targets"]["held-out"]["example_text_query"]
+    assert example["text"] is not None and example["recall_at_5"] > 0.05, example
+    assert search(index, text=example["text"], k=5)[example["rank"] - 1]["caption"] == example["text"]
 
     with open(table, newline="", encoding="utf-8") as handle:
         emoji_of = {row["name"]: row["emoji"] for row in csv.DictReader(handle, delimiter="\t")}
@@ -398,3 +408,25 @@ def test_twemoji_names_find_their_emoji_in_the_top_10_of_a_demo_clip_index_well_
     # room for another machine's float order.
     assert exact_rate > 5 * exact_chance, (exact_rate, exact_chance)
     assert variant / n > 1.8 * variant_chance / n, (variant / n, variant_chance / n)
+
+
+def test_the_last_screen_suggests_the_measured_example_text_query_quoted_for_the_shell(capsys):
+    from flows.cli import _print_query_commands
+
+    class Index:
+        def __init__(self, example):
+            self.example = example
+
+        def manifest(self):
+            targets = [{"name": "pairs-clip", "encoder": "clip"}, {"name": "images-mae", "encoder": "mae"}]
+            summaries = {"pairs-clip": {"example_text_query": self.example}, "images-mae": {}}
+            return {"config": {"targets": targets}, "outputs": {"targets": summaries}}
+
+    example = {"text": "an emoji of woman's hat", "rank": 2, "tried": 256, "recall_at_5": 0.25}
+    _print_query_commands({"index": Index(example)}, "/data root")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("Text query: patchflow query --index pairs-clip --text 'an emoji of woman'\"'\"'s hat' "
+                               "-k 5 --data-root '/data root'")
+    assert "its image ranks #2; 25% of 256 indexed captions" in lines[0]
+    _print_query_commands({"index": Index({**example, "text": None, "rank": None, "recall_at_5": 0.0})}, "/r")
+    assert "--text TEXT" in capsys.readouterr().out
