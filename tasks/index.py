@@ -335,9 +335,10 @@ EXAMPLE_K = 5
 
 
 def example_text_query(embedder: Embedder, index: faiss.Index, rows: list[dict[str, Any]], seed: int = 0
-                       ) -> dict[str, Any]:
+                       ) -> dict[str, Any] | None:
     """Captions of indexed pairs, in a seeded order, queried as text against the index: how often a
-    caption finds its own image in the top ``EXAMPLE_K``, and the first that does, with its rank.
+    caption finds its own image in the top ``EXAMPLE_K``, and the first that does, with its key and rank.
+    None when no indexed item has a caption (nothing was measured, so no score is reported).
 
     The run's last screen suggests that caption as a text query: a fixed phrase could return
     unrelated images from a briefly trained model, and a suggestion that fails teaches nothing.
@@ -345,11 +346,12 @@ def example_text_query(embedder: Embedder, index: faiss.Index, rows: list[dict[s
     order = [int(i) for i in np.random.default_rng(seed).permutation(len(rows)) if rows[i]["caption"].strip()]
     order = order[:EXAMPLE_CANDIDATES]
     if not order:
-        return {"text": None, "rank": None, "tried": 0, "recall_at_5": 0.0}
+        return None
     _, found = index.search(embedder.embed_text([rows[i]["caption"] for i in order]), EXAMPLE_K)
     ranks = [list(ids).index(i) + 1 if i in ids else None for i, ids in zip(order, found)]
     first = next((pos for pos, rank in enumerate(ranks) if rank is not None), None)
     return {"text": None if first is None else rows[order[first]]["caption"],
+            "key": None if first is None else rows[order[first]]["key"],
             "rank": None if first is None else ranks[first], "tried": len(order),
             "recall_at_5": sum(rank is not None for rank in ranks) / len(order)}
 

@@ -101,7 +101,7 @@ def train_vae(config: VAEConfig, shards_manifest: str, output_dir: Path, device:
     job = training_job(job_path, DistInfo(device=device))
     summary = train(job)
     write_json_atomic(output_dir / "train_summary.json", summary.record(1))
-    return freeze(job.model)
+    return freeze(summary.ema if summary.ema is not None else job.model)  # the EMA weights when ema_decay is set
 
 
 @torch.no_grad()

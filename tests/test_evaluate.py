@@ -68,6 +68,25 @@ def test_evaluate_stage_writes_every_metric_with_baselines(pretrained):
     assert client.get_run(result.mlflow_run_id).data.metrics["mae_linear_top1"] == result.metrics["mae_linear_top1"]
 
 
+@pytest.mark.parametrize("augment", ["none", "crop_flip"])
+def test_fine_tuning_trains_on_the_configured_augmentation(augment, monkeypatch, tmp_path):
+    seen = []
+
+    class Built(Exception):
+        pass
+
+    def fake_finetune(job, job_path, run_id, data_root, log):
+        seen.append(job.loader["augment"])
+        raise Built  # the job as built is all this test needs
+
+    monkeypatch.setattr(evaluate, "run_finetune", fake_finetune)
+    spec = LoaderSpec(shard_paths=("unused.tar",), batch_size=8, image_size=28)
+    with pytest.raises(Built):
+        evaluate.finetune_scores(EvalConfig(finetune_augment=augment), {}, None, 10, {"train": spec}, tmp_path,
+                                 "scratch", [], "run", tmp_path)
+    assert seen == [augment]
+
+
 def test_fine_tuning_resumes_to_the_same_losses(pretrained, tmp_path):
     _, shards, mae = pretrained
     arch = mae.manifest()["outputs"]["architecture"]
