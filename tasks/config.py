@@ -157,6 +157,10 @@ class TrainConfig(StrictModel):
     optim: OptimConfig = OptimConfig()
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = Field(
+        default=False, description="torch.compile the model for the training loop (worth it on a GPU with a large "
+                                   "model; the first steps pay for compilation, and it needs a C++ compiler on CPU).",
+        json_schema_extra={"execution_only": True})
     checkpoint_every: int = Field(default=100, gt=0, json_schema_extra={"execution_only": True})
     keep_checkpoints: int = Field(default=2, ge=1, json_schema_extra={"execution_only": True})
     log_every: int = Field(default=10, gt=0, json_schema_extra={"execution_only": True})
@@ -253,6 +257,9 @@ class VAEConfig(StrictModel):
         if self.image_size % VAE_DOWNSAMPLE:
             raise ValueError(f"image_size {self.image_size} is not divisible by the VAE's downsampling factor "
                              f"{VAE_DOWNSAMPLE}")
+        for name, train in (("train", self.train), ("decoder_finetune", self.decoder_finetune)):
+            if train is not None and train.nproc_per_node * train.nnodes > 1:  # a small conv net: one process
+                raise ValueError(f"vae.{name}: the VAE trains in one process; set nproc_per_node and nnodes to 1")
         return self
 
 

@@ -207,7 +207,11 @@ def train(job: TrainJob) -> TrainSummary:
     cfg, dist = job.config, job.dist
     seed_everything(cfg.seed + dist.rank)
     model = wrap_model(job.model, dist)
-    core = job.model
+    core = job.model  # checkpoints, EMA and exports use the plain module, never the compiled wrapper
+    if cfg.compile:
+        # Static shapes: a short last batch compiles once more instead of switching every later step to
+        # symbolic sizes, which MAE's masking (torch.rand with a generator argument) cannot trace.
+        model = torch.compile(model, dynamic=False)
     global_batch = cfg.batch_size * dist.world_size * cfg.optim.accum_steps
     peak_lr = peak_learning_rate(cfg.optim, global_batch)
     groups = (job.param_groups or default_param_groups)(core, cfg.optim.weight_decay)

@@ -85,6 +85,7 @@ def test_stage_key_follows_config_and_upstream_outputs_only(tmp_path):
     # A stage without its upstream would be skipped and the run would exit 0 having done nothing asked.
     ("stages=[evaluate]", r"stages: evaluate needs mae_pretrain \(its upstream\)"),
     ("stages=[shard, vae, dit_train]", r"stages: dit_train needs encode_latents \(its upstream\)"),
+    ("vae.train.nproc_per_node=2", r"vae\.train: the VAE trains in one process"),
 ])
 def test_bad_override_fails_at_load_naming_the_fields(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message):

@@ -159,6 +159,34 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     assert not list_checkpoints(tmp_path)
 
 
+def test_train_compile_runs_the_loss_through_the_compiled_model_and_saves_the_plain_one(monkeypatch, tmp_path):
+    compiled = []
+
+    class Compiled(torch.nn.Module):  # stands in for torch.compile's wrapper: same forward, another object
+        def __init__(self, module):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, x):
+            return self.inner(x)
+
+    monkeypatch.setattr(torch, "compile", lambda module, **options: compiled.append(options) or Compiled(module))
+    called_with = []
+    model = torch.nn.Linear(2, 1)
+    batches = lambda epoch, skip: iter([(0, 0, {"image": torch.ones(4, 2)})] * 3)
+
+    def loss_fn(m, batch):
+        called_with.append(type(m).__name__)
+        return m(batch["image"]).pow(2).mean(), {}
+
+    job = TrainJob(model=model, loss_fn=loss_fn, batches=batches, config=TrainConfig(steps=2, batch_size=4, compile=True),
+                   checkpoint_dir=tmp_path, signature={})
+    train(job)
+    assert compiled == [{"dynamic": False}] and called_with == ["Compiled", "Compiled"]
+    saved = torch.load(list_checkpoints(tmp_path)[-1], weights_only=False)["model"]
+    assert set(saved) == {"weight", "bias"}  # no wrapper prefix: a compiled run resumes and exports as usual
+
+
 def test_checkpoint_of_another_model_config_is_refused_before_training(shards, tmp_path):
     config = _mae_config(steps=3)
     _pretrain(shards, tmp_path, config, stop_after=3)  # leaves checkpoints, no export: stop_after == steps exports
