@@ -11,7 +11,7 @@ the median of the engine's logged windows after the first (which pays for warm-u
    TFLOP/s and MFU. FLOPs are counted analytically as in ``bench_mae_step.py`` (matmuls, training = 3 x
    forward); MFU is against the H100/H200 SXM dense bf16 peak (989 TFLOP/s) and against the bf16
    matmul rate measured here. 30 steps at batch 64 in bf16 and in fp32 (TF32 off) give the loss curves' distance.
-3. the ``base`` preset's training stages at its configs (MAE ViT-S/4 and fine-tuning at 32 px, the
+3. the ``base`` preset's training stages, models and batches read from its YAML (MAE ViT-S/4 and fine-tuning at 32 px, the
    64 px VAE, DiT-S/1 on 8 x 8 x 8 latents, batch 256 each): images/s, eager and compiled.
 4. nccl: a one-rank nccl process group, an all-reduce, and a DistributedDataParallel step.
 
@@ -37,7 +37,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks._common import measure_matmul_rate  # noqa: E402
-from benchmarks.bench_dit_step import dit_forward_flops  # noqa: E402
 from benchmarks.bench_mae_step import mae_step_flops  # noqa: E402
 from models.diffusion import GaussianDiffusion  # noqa: E402
 from models.dit import dit_from_name  # noqa: E402
@@ -45,7 +44,7 @@ from models.layers import Attention  # noqa: E402
 from models.mae import mae_from_name  # noqa: E402
 from models.vae import TinyAutoencoder, autoencoder_loss  # noqa: E402
 from models.vit import vit_from_name  # noqa: E402
-from tasks.config import OptimConfig, TrainConfig  # noqa: E402
+from tasks.config import OptimConfig, TrainConfig, load_config  # noqa: E402
 from tasks.distributed import DistInfo  # noqa: E402
 from tasks.engine import TrainJob, train  # noqa: E402
 
@@ -105,6 +104,8 @@ def check_attention(results: dict[str, Any]) -> None:
 
 
 def _mae_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    # tasks.mae_pretrain.mae_loss, restated: that module imports the shard loader (webdataset), which
+    # a bare GPU machine may not have.
     return model(batch["image"])[0], {}
 
 
@@ -151,31 +152,37 @@ def mae_precision(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 
 def base_preset_stages(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    """The models and batch sizes of configs/presets/base.yaml's training stages."""
-    batch = 256
-    images32 = torch.rand(batch, 3, 32, 32, device="cuda")
-    labels = torch.randint(0, 10, (batch,), device="cuda")
-    diffusion = GaussianDiffusion(1000, "linear")
+    """The models, losses and batch sizes of configs/presets/base.yaml's training stages, read from it."""
+    base = load_config("base")
+    mae, evaluation, vae, dit = base.mae, base.evaluate, base.vae, base.dit
+    labels = torch.randint(0, 10, (mae.train.batch_size,), device="cuda")
+    images = torch.rand(mae.train.batch_size, 3, mae.image_size, mae.image_size, device="cuda")
+    diffusion = GaussianDiffusion(dit.num_timesteps, dit.schedule)
+    latent = vae.image_size // 8
 
     def classify(model, b):
-        return F.cross_entropy(model(b["image"]), b["label"], label_smoothing=0.1), {}
+        return F.cross_entropy(model(b["image"]), b["label"], label_smoothing=evaluation.label_smoothing), {}
 
     stages: dict[str, tuple[Callable[[], torch.nn.Module], LossFn, dict[str, torch.Tensor]]] = {
-        "mae_pretrain (ViT-S/4 MAE, 32 px)": (
-            lambda: mae_from_name("small", img_size=32, patch_size=4, decoder_embed_dim=256, decoder_depth=4,
-                                  decoder_num_heads=8),
-            lambda m, b: (m(b["image"])[0], {}), {"image": images32}),
-        "evaluate fine-tune (ViT-S/4, 32 px)": (
-            lambda: vit_from_name("small", img_size=32, patch_size=4, num_classes=10, global_pool="avg",
-                                  drop_path_rate=0.1),
-            classify, {"image": images32, "label": labels}),
-        "vae (width 64, 64 px)": (
-            lambda: TinyAutoencoder(latent_channels=8, width=64, midblock_gn=False),
-            lambda m, b: autoencoder_loss(m, b["image"]), {"image": torch.rand(batch, 3, 64, 64, device="cuda")}),
-        "dit_train (DiT-S/1, 8x8x8 latents)": (
-            lambda: dit_from_name("DiT-S/1", input_size=8, in_channels=8, num_classes=10, learn_sigma=True),
+        f"mae_pretrain (ViT-{mae.encoder_size}/{mae.patch_size} MAE, {mae.image_size} px)": (
+            lambda: mae_from_name(mae.encoder_size, img_size=mae.image_size, patch_size=mae.patch_size,
+                                  decoder_embed_dim=mae.decoder_embed_dim, decoder_depth=mae.decoder_depth,
+                                  decoder_num_heads=mae.decoder_num_heads),
+            _mae_loss, {"image": images}),
+        f"evaluate fine-tune (ViT-{mae.encoder_size}/{mae.patch_size})": (
+            lambda: vit_from_name(mae.encoder_size, img_size=mae.image_size, patch_size=mae.patch_size, num_classes=10,
+                                  global_pool=evaluation.finetune_pool, drop_path_rate=evaluation.drop_path),
+            classify, {"image": images[:evaluation.finetune_train.batch_size], "label": labels}),
+        f"vae (width {vae.width}, {vae.image_size} px)": (
+            lambda: TinyAutoencoder(latent_channels=vae.latent_channels, width=vae.width, midblock_gn=False),
+            lambda m, b: autoencoder_loss(m, b["image"]),
+            {"image": torch.rand(vae.train.batch_size, 3, vae.image_size, vae.image_size, device="cuda")}),
+        f"dit_train ({dit.model}, {latent}x{latent}x{vae.latent_channels} latents)": (
+            lambda: dit_from_name(dit.model, input_size=latent, in_channels=vae.latent_channels, num_classes=10,
+                                  learn_sigma=dit.learn_sigma),
             lambda m, b: diffusion.training_loss(m, b["image"], y=b["label"]),
-            {"image": torch.randn(batch, 8, 8, 8, device="cuda"), "label": labels}),
+            {"image": torch.randn(dit.train.batch_size, vae.latent_channels, latent, latent, device="cuda"),
+             "label": torch.randint(0, 10, (dit.train.batch_size,), device="cuda")}),
     }
     for name, (build, loss_fn, data) in stages.items():
         row: dict[str, Any] = {}
@@ -186,7 +193,7 @@ def base_preset_stages(args: argparse.Namespace, results: dict[str, Any]) -> Non
             except Exception as exc:  # report and go on: one stage's failure must not hide the others
                 row[f"{mode}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         results[f"base/{name}"] = row
-        print(f"base preset, {name:38s} batch {batch}, bf16: " + "  ".join(
+        print(f"base preset, {name:38s} batch {len(data['image'])}, bf16: " + "  ".join(
             f"{mode} {value:,.0f} img/s" if isinstance(value, float) else f"{mode}: {value}" for mode, value in row.items()))
 
 
@@ -237,6 +244,7 @@ def main() -> None:
             print(f"FAILED: {type(exc).__name__}: {exc}")
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
+
 
 if __name__ == "__main__":
     main()
