@@ -10,11 +10,13 @@
    Same process layout (one), same thread count as the stage.
 
 The ratio stage / bare is the share of the model's own speed the stage keeps (goal: at least 90%).
+``--bf16`` adds the bare step under bf16 autocast (``train.precision: bf16``) beside the stage's own
+precision, alternating the two, to show what that setting buys each stage on this CPU.
 The demo preset takes about 10 minutes on 2 cores; ``--preset small`` with its full budgets over an
 hour, so shorten them with ``--set`` or time an existing data root's jobs with ``--reuse``.
 
     python benchmarks/bench_stage_efficiency.py [--preset demo] [--set mae.train.steps=300 ...]
-    python benchmarks/bench_stage_efficiency.py --reuse DATA_ROOT   # bare steps only, against its summaries
+    python benchmarks/bench_stage_efficiency.py --reuse DATA_ROOT [--bf16]   # bare steps only, against its summaries
 """
 
 from __future__ import annotations
@@ -70,22 +72,26 @@ def training_jobs(root: Path) -> list[StageJob]:
     return [job for job in found if job.summary_path.is_file()]
 
 
-def bare_images_per_s(stage: StageJob, scratch: Path) -> tuple[float, int]:
-    """The engine on one in-memory batch of the stage's data: best of two timed runs after a warm-up."""
+def bare_images_per_s(stage: StageJob, scratch: Path, precisions: tuple[str | None, ...] = (None,)
+                      ) -> tuple[list[float], int]:
+    """The engine on one in-memory batch of the stage's data, per precision (None: the stage's own): best
+    of two timed runs after a warm-up, the precisions alternating so a busy machine slows them alike."""
     job = importlib.import_module(stage.module).training_job(stage.job_path, DistInfo())
     _, _, batch = next(job.batches(0, 0))
-    rates = []
+    rates: list[list[float]] = [[] for _ in precisions]
     for attempt, steps in enumerate((3, BARE_STEPS, BARE_STEPS)):
-        # steps + 1 with stop_after=steps: the loop ends before the final-step checkpoint.
-        config = job.config.model_copy(update={"steps": steps + 1, "log_every": 10**9, "checkpoint_every": 10**9,
-                                               "eval_every": 10**9})
-        bare = dataclasses.replace(job, batches=lambda epoch, skip: itertools.repeat((0, 0, batch)), config=config,
-                                   log_metrics=None, on_eval=None, stop_after=steps,
-                                   checkpoint_dir=scratch / f"{stage.label.replace('/', '-')}-{attempt}")
-        summary = train(bare)
-        if attempt:
-            rates.append(summary.images_per_s)
-    return max(rates), len(batch["image"])
+        for index, precision in enumerate(precisions):
+            # steps + 1 with stop_after=steps: the loop ends before the final-step checkpoint.
+            config = job.config.model_copy(update={
+                "steps": steps + 1, "log_every": 10**9, "checkpoint_every": 10**9, "eval_every": 10**9,
+                "precision": precision or job.config.precision})
+            bare = dataclasses.replace(job, batches=lambda epoch, skip: itertools.repeat((0, 0, batch)),
+                                       config=config, log_metrics=None, on_eval=None, stop_after=steps,
+                                       checkpoint_dir=scratch / f"{stage.label.replace('/', '-')}-{attempt}-{index}")
+            summary = train(bare)
+            if attempt:
+                rates[index].append(summary.images_per_s)
+    return [max(found) for found in rates], len(batch["image"])
 
 
 def run_pipeline(preset: str, root: Path, sets: list[str]) -> float:
@@ -108,6 +114,7 @@ def main() -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], help="override passed to patchflow run")
     parser.add_argument("--reuse", type=Path, default=None, help="time the bare steps of this data root's finished jobs")
     parser.add_argument("--keep", type=Path, default=None, help="keep the fresh data root here")
+    parser.add_argument("--bf16", action="store_true", help="also time each bare step under bf16 autocast")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-efficiency-"))
     root = args.reuse or args.keep or work / "root"
@@ -120,12 +127,16 @@ def main() -> None:
     if not jobs:
         sys.exit(f"{root}: no finished training job (job.json with a train summary) under stages/")
     print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} compute threads\n")
-    print(f"{'stage':<34}{'batch':>6}{'stage img/s':>13}{'bare img/s':>12}{'ratio':>8}")
+    precisions = (None, "bf16") if args.bf16 else (None,)
+    bf16_columns = f"{'bare bf16':>11}{'gain':>7}" if args.bf16 else ""
+    print(f"{'stage':<34}{'batch':>6}{'stage img/s':>13}{'bare img/s':>12}{'ratio':>8}{bf16_columns}")
     for stage in jobs:
         in_stage = json.loads(stage.summary_path.read_text())
-        bare, batch = bare_images_per_s(stage, work)
+        rates, batch = bare_images_per_s(stage, work, precisions)
+        bare = rates[0]
+        bf16 = f"{rates[1]:>11.0f}{rates[1] / bare:>6.2f}x" if args.bf16 else ""
         print(f"{stage.label:<34}{batch:>6}{in_stage['images_per_s']:>13.0f}{bare:>12.0f}"
-              f"{in_stage['images_per_s'] / bare:>8.0%}   ({in_stage['steps']} steps in the stage)", flush=True)
+              f"{in_stage['images_per_s'] / bare:>8.0%}{bf16}   ({in_stage['steps']} steps in the stage)", flush=True)
     shutil.rmtree(work, ignore_errors=True)
 
 

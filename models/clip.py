@@ -17,47 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.layers import Mlp
 from models.tokenizer import Tokenizer
-from models.vit import LAYER_NORM_EPS, VIT_SIZES, VisionTransformer, init_transformer_weights
+from models.vit import LAYER_NORM_EPS, VIT_SIZES, Block, VisionTransformer, init_transformer_weights
 
 __all__ = ["CLIP", "clip_loss", "save_clip", "load_clip", "TextTransformer"]
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
-
-
-class CausalAttention(nn.Module):
-    """Multi-head self-attention where token t sees only tokens <= t (``is_causal=True``)."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"text width {dim} must be divisible by text heads {num_heads}")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N, T, D = x.shape
-        q, k, v = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (N, H, T, Dh)
-        return self.proj(x.transpose(1, 2).reshape(N, T, D))
-
-
-class TextBlock(nn.Module):
-    """Pre-LN transformer block with causal attention."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.attn = CausalAttention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
 
 
 class TextTransformer(nn.Module):
@@ -69,7 +35,7 @@ class TextTransformer(nn.Module):
         self.context_length = context_length
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
-        self.blocks = nn.ModuleList(TextBlock(width, num_heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, num_heads, causal=True) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)

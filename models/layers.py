@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["PatchEmbed", "sincos_position_embedding_2d", "Attention", "Mlp"]
+__all__ = ["PatchEmbed", "sincos_position_embedding_2d", "Attention", "attend", "Mlp"]
 
 
 #################################################################################
@@ -86,14 +86,15 @@ def sincos_position_embedding_2d(embed_dim: int, grid_size: int, cls_token: bool
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention: one fused qkv projection, then ``scaled_dot_product_attention``
-    (flash/memory-efficient kernels on CUDA, the plain math on CPU)."""
+    """Multi-head self-attention: one fused qkv projection, then ``attend`` (flash/memory-efficient
+    kernels on CUDA). ``causal``: token t sees only tokens <= t (CLIP's text tower)."""
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, causal: bool = False):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
+        self.causal = causal
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
@@ -102,9 +103,30 @@ class Attention(nn.Module):
         N, T, D = x.shape
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, H, T, Dh)
-        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
+        x = attend(q, k, v, self.causal)  # (N, H, T, Dh)
         x = x.transpose(1, 2).reshape(N, T, D)  # (N, T, D)
         return self.proj(x)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh)) v for (N, H, T, Dh) queries, keys and values; ``causal`` hides later keys.
+
+    ``scaled_dot_product_attention`` everywhere except bf16 on the CPU: there PyTorch's fused CPU kernel
+    takes 4-7x longer forward and backward than in fp32 (9.0 against 1.4 ms for MAE-Tiny's encoder
+    attention, 27 against 6.3 ms for its decoder's; ``benchmarks/bench_reference_steps.py``), which
+    undid bf16's gain. Two bf16 batched matmuls around a softmax take 1.2 and 3.7 ms and use the CPU's
+    bf16 matrix units, the same arithmetic as the math kernel. The CPU softmax of a bf16 tensor
+    computes in fp32 and rounds once at the end, so it needs no casts around it.
+    """
+    if q.dtype != torch.bfloat16 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, H, T, T)
+    if causal:
+        T = scores.shape[-1]
+        later = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)  # (T, T), True above the diagonal
+        scores = scores.masked_fill(later, float("-inf"))
+    weights = scores.softmax(dim=-1)  # (N, H, T, T)
+    return weights @ v  # (N, H, T, Dh)
 
 
 class Mlp(nn.Module):

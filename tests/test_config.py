@@ -63,6 +63,23 @@ def test_stage_key_follows_config_and_upstream_outputs_only(tmp_path):
     assert key != stage_key("evaluate", config, [upstream("a")])
 
 
+def test_pipeline_precision_sets_every_training_stage_that_leaves_it_at_auto(tmp_path):
+    from tasks.stage import stage_key
+
+    default = load_config("smoke", data_root=tmp_path)
+    assert default.precision == "auto" and {t.precision for t in default.training_configs()} == {"auto"}
+    config = load_config("demo", ["precision=bf16", "dit.train.precision=fp32"], data_root=tmp_path)
+    assert config.mae.train.precision == config.evaluate.finetune_train.precision == config.clip.train.precision == "bf16"
+    assert config.vae.train.precision == config.vae.decoder_finetune.precision == "bf16"
+    assert config.dit.train.precision == "fp32"  # a stage's own setting wins
+    # The precision is in each stage's own section, so a bf16 stage never reuses an fp32 one's outputs.
+    demo = load_config("demo", data_root=tmp_path)
+    assert stage_key("mae_pretrain", config.mae, []) != stage_key("mae_pretrain", demo.mae, [])
+    assert config.mae.model_copy(update={"train": demo.mae.train}) == demo.mae  # and nothing else changed
+    with pytest.raises(ConfigError, match=r"precision: Input should be 'auto', 'fp32' or 'bf16'"):
+        load_config("smoke", ["precision=fp16"], data_root=tmp_path)
+
+
 # Each override breaks one check that used to fail only when its stage started (or never).
 @pytest.mark.parametrize("override, message", [
     ("mae.train.steps=true", r"mae\.train\.steps: expected int, got true"),

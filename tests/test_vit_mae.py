@@ -17,7 +17,7 @@ from models.mae import (
     reconstruction_tiles,
     unpatchify,
 )
-from models.layers import Attention, PatchEmbed, sincos_position_embedding_2d
+from models.layers import Attention, PatchEmbed, attend, sincos_position_embedding_2d
 from models.vit import VIT_SIZES, DropPath, VisionTransformer, param_count, vit_from_name
 
 
@@ -294,6 +294,49 @@ def test_sdpa_attention_matches_manual_softmax() -> None:
     weights = F.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), dim=-1)  # (N, H, T, T)
     manual = attention.proj((weights @ v).transpose(1, 2).reshape(N, T, D))
     assert torch.allclose(attention(x), manual, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_bf16_attention_matches_fp32_sdpa(causal: bool) -> None:
+    # Under CPU bf16 autocast ``attend`` takes explicit matmuls around an fp32 softmax instead of the
+    # fused kernel (slow in bf16 there): the same attention, forward and backward, to bf16's precision.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 16, requires_grad=True) for _ in range(3))
+    reference = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    reference.square().sum().backward()
+    expected = [t.grad.clone() for t in (q, k, v)]
+    low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    out = attend(*low, causal=causal)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    assert torch.allclose(out.float(), reference, atol=0.03, rtol=0.03)
+    for got, want in zip(low, expected):
+        assert torch.allclose(got.grad.float(), want, atol=0.1, rtol=0.05)
+    if causal:  # the first query sees only the first key, so its output is the first value
+        assert torch.allclose(out[:, :, 0].float(), v[:, :, 0].detach(), atol=0.02)
+
+
+def test_mae_bf16_autocast_training_follows_the_fp32_loss_curve() -> None:
+    """The documented precision choice (``train.precision: bf16``, MAE's faster CPU step): the same MAE
+    trained under bf16 autocast keeps its loss curve within a few percent of fp32."""
+    imgs, curves = torch.rand(16, 1, 16, 16), {}
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        model = nano_mae()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
+        losses = []
+        for step in range(30):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                loss, _, _ = model(imgs, generator=torch.Generator().manual_seed(step))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        curves[enabled] = torch.tensor(losses)
+    fp32, bf16 = curves[False], curves[True]
+    assert fp32[-5:].mean() < 0.7 * fp32[:5].mean()  # it trained
+    assert (bf16 - fp32).abs().max() < 0.05 * fp32.max()
+    assert bf16[-5:].mean() == pytest.approx(float(fp32[-5:].mean()), rel=0.05)
 
 
 def test_vit_mae_and_dit_share_one_set_of_layers() -> None:
