@@ -3,8 +3,9 @@
 MAE: ViT-Tiny encoder (192 wide, 12 deep, 3 heads), decoder 128 x 4, 32 px RGB, patch 4, batch 64,
 mask 0.75, per-patch normalised pixel loss; against ``TimmMAE`` (facebookresearch/mae's model on
 timm's blocks, plain ``torch.optim.AdamW``). DiT: DiT-S/2 on 32 x 8 x 8 latents, 10 classes, batch
-32, noise-prediction MSE; against ``PlainDiT``. See ``benchmarks/reference_models.py``. Each reference
-also runs under bf16 autocast, so the bf16 columns compare like with like.
+32, noise-prediction MSE; against ``PlainDiT``. See ``benchmarks/reference_models.py``. Each side runs
+in fp32 and under bf16 autocast, so the bf16 columns compare like with like; ratios are against the
+reference in fp32.
 
 patchflow's step is the engine's: its AdamW (``tasks.engine.make_optimizer``) and its precision
 (``fp32``, or ``bf16`` autocast on a CPU with native bf16). Steps alternate between the
@@ -65,45 +66,43 @@ def plain_adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
 
 
-def reference_bf16(model: torch.nn.Module, loss: Callable[[torch.nn.Module], torch.Tensor]) -> Step:
-    """The reference under the same bf16 autocast as patchflow's bf16 column (its attention is timm's,
-    which calls ``scaled_dot_product_attention``)."""
-    return make_step(model, lambda: loss(model), plain_adamw(model), lambda: autocast_context("bf16", "cpu"))
-
-
 def mae_steps(batch: int) -> dict[str, Step]:
     imgs = torch.randn(batch, 3, 32, 32)
-    torch.manual_seed(0)
-    reference = TimmMAE(32, 4, 3, 192, 12, 3, 128, 4, 4)
-    ours = {}
+    steps = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        reference = TimmMAE(32, 4, 3, 192, 12, 3, 128, 4, 4)
+        steps[f"reference {precision}"] = make_step(reference, lambda m=reference: m(imgs), plain_adamw(reference),
+                                                    lambda p=precision: autocast_context(p, "cpu"))
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
         model = MaskedAutoencoder(img_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=12, num_heads=3,
                                   decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4)
-        ours[f"patchflow {precision}"] = make_step(model, lambda m=model: m(imgs)[0], make_optimizer(
+        steps[f"patchflow {precision}"] = make_step(model, lambda m=model: m(imgs)[0], make_optimizer(
             [{"params": list(model.parameters()), "weight_decay": 0.05}], 1e-4, (0.9, 0.95)),
             lambda p=precision: autocast_context(p, "cpu"))
-    return {"reference (timm blocks)": make_step(reference, lambda: reference(imgs), plain_adamw(reference),
-                                                 contextlib.nullcontext),
-            "reference bf16": reference_bf16(TimmMAE(32, 4, 3, 192, 12, 3, 128, 4, 4), lambda m: m(imgs)), **ours}
+    return steps
 
 
 def dit_steps(batch: int) -> dict[str, Step]:
     x, y = torch.randn(batch, 32, 8, 8), torch.randint(0, 10, (batch,))
     t = torch.randint(0, 1000, (batch,))
     noise = torch.randn_like(x)
-    reference = PlainDiT(8, 2, 32, 384, 12, 6, 10)
-    ours = {}
+    steps = {}
     for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        reference = PlainDiT(8, 2, 32, 384, 12, 6, 10)
+        steps[f"reference {precision}"] = make_step(
+            reference, lambda m=reference: F.mse_loss(m(x, t, y)[:, :32], noise), plain_adamw(reference),
+            lambda p=precision: autocast_context(p, "cpu"))
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
         model = dit_from_name("DiT-S/2", input_size=8, in_channels=32, num_classes=10)
-        ours[f"patchflow {precision}"] = make_step(
+        steps[f"patchflow {precision}"] = make_step(
             model, lambda m=model: F.mse_loss(m(x, t, y)[:, :32], noise),
             make_optimizer([{"params": list(model.parameters()), "weight_decay": 0.0}], 1e-4, (0.9, 0.999)),
             lambda p=precision: autocast_context(p, "cpu"))
-    return {"reference (plain DiT)": make_step(reference, lambda: F.mse_loss(reference(x, t, y)[:, :32], noise),
-                                               plain_adamw(reference), contextlib.nullcontext),
-            "reference bf16": reference_bf16(PlainDiT(8, 2, 32, 384, 12, 6, 10),
-                                             lambda m: F.mse_loss(m(x, t, y)[:, :32], noise)), **ours}
+    return steps
 
 
 def report(title: str, batch: int, seconds: dict[str, float]) -> None:

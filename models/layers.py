@@ -109,21 +109,22 @@ class Attention(nn.Module):
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
-    """softmax(q k^T / sqrt(Dh)) v for (N, H, T, Dh) queries, keys and values; ``causal`` hides later keys.
+    """softmax(q k^T / sqrt(Dh)) v for (N, H, Tq, Dh) queries and (N, H, Tk, Dh) keys and values;
+    ``causal`` hides from query i the keys after i (top-left aligned, as ``is_causal``).
 
     ``scaled_dot_product_attention`` everywhere except bf16 on the CPU: there PyTorch's fused CPU kernel
     takes 4-7x longer forward and backward than in fp32 (9.0 against 1.4 ms for MAE-Tiny's encoder
     attention, 27 against 6.3 ms for its decoder's; ``benchmarks/bench_reference_steps.py``), which
     undid bf16's gain. Two bf16 batched matmuls around a softmax take 1.2 and 3.7 ms and use the CPU's
-    bf16 matrix units, the same arithmetic as the math kernel. The CPU softmax of a bf16 tensor
-    computes in fp32 and rounds once at the end, so it needs no casts around it.
+    bf16 matrix units. The scores are rounded to bf16 before the softmax, as in timm's non-fused path
+    (PyTorch's math kernel keeps them in fp32); the CPU softmax of a bf16 tensor computes in fp32 and
+    rounds once at the end, so it needs no casts around it.
     """
     if q.dtype != torch.bfloat16 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, H, T, T)
     if causal:
-        T = scores.shape[-1]
-        later = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)  # (T, T), True above the diagonal
+        later = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1)  # (Tq, Tk), True above the diagonal
         scores = scores.masked_fill(later, float("-inf"))
     weights = scores.softmax(dim=-1)  # (N, H, T, T)
     return weights @ v  # (N, H, T, Dh)

@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.config import ConfigError, available_presets, load_config, parse_override
+from tasks.config import ConfigError, MAEConfig, PipelineConfig, available_presets, load_config, parse_override
 
 
 @pytest.mark.parametrize("preset", ["smoke", "demo", "small", "base"])
@@ -76,6 +76,14 @@ def test_pipeline_precision_sets_every_training_stage_that_leaves_it_at_auto(tmp
     demo = load_config("demo", data_root=tmp_path)
     assert stage_key("mae_pretrain", config.mae, []) != stage_key("mae_pretrain", demo.mae, [])
     assert config.mae.model_copy(update={"train": demo.mae.train}) == demo.mae  # and nothing else changed
+    # A written-out config carries each stage's value, not the switch, so it reloads to the same stages.
+    dumped = config.model_dump()
+    assert "precision" not in dumped and dumped["mae"]["train"]["precision"] == "bf16"
+    assert PipelineConfig.model_validate(dumped).model_dump() == dumped
+    # The caller's own sections are copied, not changed.
+    mine = MAEConfig()
+    assert PipelineConfig(precision="bf16", mae=mine).mae.train.precision == "bf16"
+    assert mine.train.precision == "auto"
     with pytest.raises(ConfigError, match=r"precision: Input should be 'auto', 'fp32' or 'bf16'"):
         load_config("smoke", ["precision=fp16"], data_root=tmp_path)
 

@@ -297,15 +297,21 @@ def test_sdpa_attention_matches_manual_softmax() -> None:
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_cpu_bf16_attention_matches_fp32_sdpa(causal: bool) -> None:
-    # Under CPU bf16 autocast ``attend`` takes explicit matmuls around an fp32 softmax instead of the
-    # fused kernel (slow in bf16 there): the same attention, forward and backward, to bf16's precision.
+def test_cpu_bf16_attention_matches_fp32_sdpa(causal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On bf16 CPU tensors (what autocast hands it) ``attend`` takes explicit matmuls around a softmax
+    # instead of the fused kernel, which is slow in bf16 there: the same attention, forward and
+    # backward, to bf16's precision.
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 9, 16, requires_grad=True) for _ in range(3))
     reference = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     reference.square().sum().backward()
     expected = [t.grad.clone() for t in (q, k, v)]
     low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+
+    def fused_kernel(*args, **kwargs):
+        raise AssertionError("the fused kernel ran on bf16 CPU tensors")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", fused_kernel)
     out = attend(*low, causal=causal)
     assert out.dtype == torch.bfloat16
     out.float().square().sum().backward()
@@ -314,6 +320,14 @@ def test_cpu_bf16_attention_matches_fp32_sdpa(causal: bool) -> None:
         assert torch.allclose(got.grad.float(), want, atol=0.1, rtol=0.05)
     if causal:  # the first query sees only the first key, so its output is the first value
         assert torch.allclose(out[:, :, 0].float(), v[:, :, 0].detach(), atol=0.02)
+
+
+def test_cpu_bf16_causal_attention_with_fewer_queries_than_keys_aligns_as_sdpa_does() -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 4, 16), torch.randn(2, 3, 7, 16), torch.randn(2, 3, 7, 16)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # query i sees keys 0..i
+    got = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True).float()
+    assert torch.allclose(got, expected, atol=0.03, rtol=0.03)
 
 
 def test_mae_bf16_autocast_training_follows_the_fp32_loss_curve() -> None:
@@ -325,7 +339,7 @@ def test_mae_bf16_autocast_training_follows_the_fp32_loss_curve() -> None:
         model = nano_mae()
         optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
         losses = []
-        for step in range(30):
+        for step in range(20):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
                 loss, _, _ = model(imgs, generator=torch.Generator().manual_seed(step))
             optimizer.zero_grad()
