@@ -122,12 +122,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = Fal
     """
     if q.dtype != torch.bfloat16 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, H, T, T)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, H, Tq, Tk)
     if causal:
         later = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1)  # (Tq, Tk), True above the diagonal
         scores = scores.masked_fill(later, float("-inf"))
-    weights = scores.softmax(dim=-1)  # (N, H, T, T)
-    return weights @ v  # (N, H, T, Dh)
+    weights = scores.softmax(dim=-1)  # (N, H, Tq, Tk)
+    return weights @ v  # (N, H, Tq, Dh)
 
 
 class Mlp(nn.Module):
