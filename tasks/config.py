@@ -414,7 +414,7 @@ STAGE_UPSTREAM: dict[str, tuple[str, ...]] = {
 }
 
 
-# (section, field) of every TrainConfig a pipeline stage trains with.
+# (section, field) of every TrainConfig a pipeline stage trains with (not the DiT judge's: it is a measuring instrument).
 TRAINING_SECTIONS = (("mae", "train"), ("evaluate", "finetune_train"), ("vae", "train"), ("vae", "decoder_finetune"),
                      ("dit", "train"), ("clip", "train"))
 
@@ -463,11 +463,6 @@ class PipelineConfig(StrictModel):
                 resolved = train.model_copy(update={"precision": self.precision})
                 object.__setattr__(self, section_name, section.model_copy(update={field_name: resolved}))
         return self
-
-    def training_configs(self) -> list[TrainConfig]:
-        """Every training stage's engine settings (not the DiT judge's: it is a measuring instrument)."""
-        found = [getattr(getattr(self, section), field) for section, field in TRAINING_SECTIONS]
-        return [train for train in found if train is not None]
 
     @model_validator(mode="after")
     def _sections_agree(self) -> "PipelineConfig":

@@ -11,6 +11,9 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 from tasks import shard
 from tasks.config import ShardConfig, SourceConfig
@@ -71,3 +74,32 @@ class TrackingServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+def fp32_and_bf16_loss_curves(start: Callable[[], tuple[torch.nn.Module, Callable[[], torch.Tensor]]], steps: int,
+                              **adamw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each step's loss of the same training in fp32 and under CPU bf16 autocast (``train.precision: bf16``).
+
+    ``start()`` runs once per precision after seeding 0 and returns the model and a function giving one
+    step's loss; AdamW takes ``adamw``."""
+    curves = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        model, next_loss = start()
+        optimizer = torch.optim.AdamW(model.parameters(), **adamw)
+        losses = []
+        for _ in range(steps):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                loss = next_loss()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        curves.append(torch.tensor(losses))
+    return curves[0], curves[1]
+
+
+def assert_bf16_follows_fp32(fp32: torch.Tensor, bf16: torch.Tensor) -> None:
+    """The documented precision choice holds: bf16's loss curve stays within 5% of fp32's, step by step and at the end."""
+    assert (bf16 - fp32).abs().max() < 0.05 * fp32.max(), (fp32, bf16)
+    assert abs(float(bf16[-5:].mean() - fp32[-5:].mean())) <= 0.05 * float(fp32[-5:].mean()), (fp32, bf16)

@@ -9,6 +9,7 @@ import torch
 
 from models.diffusion import GaussianDiffusion, linear_betas
 from models.dit import DiT, DiTBlock, dit_from_name, get_2d_sincos_pos_embed
+from tests.helpers import assert_bf16_follows_fp32, fp32_and_bf16_loss_curves
 
 
 def tiny_dit(seed: int = 0, **kwargs) -> DiT:
@@ -250,24 +251,15 @@ def test_bf16_autocast_training_follows_the_fp32_loss_curve():
     """The documented precision choice (``train.precision: bf16``, DiT-S/2's faster CPU step): the same
     model trained under bf16 autocast keeps its loss curve within a few percent of fp32."""
     latents, labels = torch.randn(16, 4, 8, 8).clamp(-2, 2), torch.arange(16) % 4
-    curves = {}
-    for dtype in (None, torch.bfloat16):
-        torch.manual_seed(0)
+
+    def start():
         model = dit_from_name("DiT-N/2", input_size=8, in_channels=4, num_classes=4, learn_sigma=True)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-        generator, diffusion, losses = torch.Generator().manual_seed(0), GaussianDiffusion(), []
-        for _ in range(30):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-                loss, _ = diffusion.training_loss(model, latents, y=labels, generator=generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-        curves[dtype] = torch.tensor(losses)
-    fp32, bf16 = curves[None], curves[torch.bfloat16]
+        generator, diffusion = torch.Generator().manual_seed(0), GaussianDiffusion()
+        return model, lambda: diffusion.training_loss(model, latents, y=labels, generator=generator)[0]
+
+    fp32, bf16 = fp32_and_bf16_loss_curves(start, 30, lr=2e-3, weight_decay=0.0)
     assert fp32[-5:].mean() < 0.8 * fp32[:5].mean()  # it trained
-    assert (bf16 - fp32).abs().max() < 0.05 * fp32.max()
-    assert bf16[-5:].mean() == pytest.approx(float(fp32[-5:].mean()), rel=0.05)
+    assert_bf16_follows_fp32(fp32, bf16)
 
 
 # ------------------------------------------------------------ learned sigma: hybrid loss and sampling

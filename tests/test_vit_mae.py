@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -19,6 +20,7 @@ from models.mae import (
 )
 from models.layers import Attention, PatchEmbed, attend, sincos_position_embedding_2d
 from models.vit import VIT_SIZES, DropPath, VisionTransformer, param_count, vit_from_name
+from tests.helpers import assert_bf16_follows_fp32, fp32_and_bf16_loss_curves
 
 
 def nano_mae(**kwargs) -> MaskedAutoencoder:
@@ -333,24 +335,15 @@ def test_cpu_bf16_causal_attention_with_fewer_queries_than_keys_aligns_as_sdpa_d
 def test_mae_bf16_autocast_training_follows_the_fp32_loss_curve() -> None:
     """The documented precision choice (``train.precision: bf16``, MAE's faster CPU step): the same MAE
     trained under bf16 autocast keeps its loss curve within a few percent of fp32."""
-    imgs, curves = torch.rand(16, 1, 16, 16), {}
-    for enabled in (False, True):
-        torch.manual_seed(0)
-        model = nano_mae()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
-        losses = []
-        for step in range(20):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
-                loss, _, _ = model(imgs, generator=torch.Generator().manual_seed(step))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-        curves[enabled] = torch.tensor(losses)
-    fp32, bf16 = curves[False], curves[True]
+    imgs = torch.rand(16, 1, 16, 16)
+
+    def start():
+        model, step = nano_mae(), itertools.count()
+        return model, lambda: model(imgs, generator=torch.Generator().manual_seed(next(step)))[0]
+
+    fp32, bf16 = fp32_and_bf16_loss_curves(start, 20, lr=2e-3, betas=(0.9, 0.95))
     assert fp32[-5:].mean() < 0.7 * fp32[:5].mean()  # it trained
-    assert (bf16 - fp32).abs().max() < 0.05 * fp32.max()
-    assert bf16[-5:].mean() == pytest.approx(float(fp32[-5:].mean()), rel=0.05)
+    assert_bf16_follows_fp32(fp32, bf16)
 
 
 def test_vit_mae_and_dit_share_one_set_of_layers() -> None:
